@@ -1,0 +1,221 @@
+"""The guard's statistics (DESIGN 5): Wald's Bernoulli SPRT on canary errors.
+
+This module owns the bounds (`SprtBounds`), the counts (`SprtCounts`), one step of the test
+(`step`) and the figures used to document it (`fixed_sample_size`, `expected_sample_number`).
+Each canary response is one Bernoulli observation (1 = error). With n responses and k errors
+
+    llr(n, k) = k ln(e1/e0) + (n - k) ln((1 - e1)/(1 - e0))
+    A = ln((1 - beta)/alpha)        B = ln(beta/(1 - alpha))
+
+`llr >= A` rejects H0 (roll back), `llr <= B` accepts H0 (the step is healthy; the test restarts
+so monitoring goes on), anything between continues. State is the pair (n, k), never the llr, so
+the same counts can be re-judged when e0 moves (relative mode) and replicas can add their deltas.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+E0_FLOOR = 0.001
+"""Relative mode never tests against an error rate below this (a perfect stable gives e0 = 0)."""
+
+E0_CEILING = 0.998
+"""Relative mode never tests against an error rate above this, leaving room for e1 below 1."""
+
+E1_CEILING = 0.999
+"""Relative mode keeps e1 at or below this so that ln(1 - e1) stays finite."""
+
+
+class Decision(StrEnum):
+    """What the test says after an observation.
+
+    A `StrEnum` (a `str` and an `Enum`): its members are their values, so they go into the
+    status JSON and metric labels as `"continue"`, `"accept"`, `"reject"` without conversion.
+    """
+
+    CONTINUE = "continue"
+    ACCEPT = "accept"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class SprtBounds:
+    """The hypotheses H0: e = e0 and H1: e = e1 with error probabilities alpha and beta.
+
+    alpha = P(reject | e = e0) (a needless rollback), beta = P(accept | e = e1) (a missed one).
+    """
+
+    e0: float
+    e1: float
+    alpha: float
+    beta: float
+    # Derived once: `llr` runs on every canary response, so it must be two multiplications.
+    log_error_ratio: float = field(init=False, repr=False, compare=False)
+    log_success_ratio: float = field(init=False, repr=False, compare=False)
+    _upper: float = field(init=False, repr=False, compare=False)
+    _lower: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.e0 < self.e1 < 1.0:
+            raise ValueError(f"need 0 < e0 < e1 < 1, got e0={self.e0!r}, e1={self.e1!r}")
+        if not (self.alpha > 0.0 and self.beta > 0.0):
+            raise ValueError(f"need alpha > 0 and beta > 0, got {self.alpha!r}, {self.beta!r}")
+        if not self.alpha + self.beta < 1.0:
+            raise ValueError(f"need alpha + beta < 1, got {self.alpha!r} + {self.beta!r}")
+        # The class is frozen; __post_init__ is the one place allowed to fill derived fields.
+        object.__setattr__(self, "log_error_ratio", math.log(self.e1 / self.e0))
+        object.__setattr__(self, "log_success_ratio", math.log((1 - self.e1) / (1 - self.e0)))
+        object.__setattr__(self, "_upper", math.log((1 - self.beta) / self.alpha))
+        object.__setattr__(self, "_lower", math.log(self.beta / (1 - self.alpha)))
+
+    @property
+    def A(self) -> float:  # named as in DESIGN 5 and the status JSON
+        """The rejection bound ln((1 - beta)/alpha)."""
+        return self._upper
+
+    @property
+    def B(self) -> float:  # named as in DESIGN 5 and the status JSON
+        """The acceptance bound ln(beta/(1 - alpha))."""
+        return self._lower
+
+    def llr(self, n: int, k: int) -> float:
+        """The log-likelihood ratio of H1 over H0 after n responses with k errors."""
+        return k * self.log_error_ratio + (n - k) * self.log_success_ratio
+
+    def decide(self, n: int, k: int) -> Decision:
+        """REJECT at or above A, ACCEPT at or below B, else CONTINUE."""
+        llr = self.llr(n, k)
+        if llr >= self._upper:
+            return Decision.REJECT
+        if llr <= self._lower:
+            return Decision.ACCEPT
+        return Decision.CONTINUE
+
+
+def relative_bounds(
+    stable_error_rate: float, *, epsilon: float, alpha: float, beta: float
+) -> SprtBounds:
+    """Bounds for relative mode: e0 = max(0.001, stable's rate), e1 = e0 + epsilon.
+
+    e0 is clipped to [E0_FLOOR, E0_CEILING] and e1 to at most E1_CEILING, so a stable that fails
+    almost always still yields valid bounds: the guard must keep working whatever stable does.
+    """
+    if not 0.0 <= stable_error_rate <= 1.0:
+        raise ValueError(f"stable_error_rate must lie in [0, 1], got {stable_error_rate!r}")
+    if not epsilon > 0.0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    e0 = min(max(E0_FLOOR, stable_error_rate), E0_CEILING)
+    e1 = min(e0 + epsilon, E1_CEILING)
+    return SprtBounds(e0=e0, e1=e1, alpha=alpha, beta=beta)
+
+
+@dataclass(frozen=True, slots=True)
+class SprtCounts:
+    """n responses seen by the test, k of them errors."""
+
+    n: int = 0
+    k: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.k <= self.n:
+            raise ValueError(f"need 0 <= k <= n, got n={self.n!r}, k={self.k!r}")
+
+    def observe(self, error: bool) -> SprtCounts:
+        """The counts after one more response."""
+        return SprtCounts(self.n + 1, self.k + 1 if error else self.k)
+
+    def plus(self, other: SprtCounts) -> SprtCounts:
+        """The sum of two counts, e.g. the global counts plus a replica's delta."""
+        return SprtCounts(self.n + other.n, self.k + other.k)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision on `counts`, and the llr it was taken at (for the status and metrics)."""
+
+    decision: Decision
+    counts: SprtCounts
+    llr: float
+
+
+def evaluate(bounds: SprtBounds, counts: SprtCounts) -> Verdict:
+    """Judge `counts` against `bounds` without observing anything new (e.g. global counts)."""
+    llr = bounds.llr(counts.n, counts.k)
+    return Verdict(bounds.decide(counts.n, counts.k), counts, llr)
+
+
+def step(bounds: SprtBounds, counts: SprtCounts, error: bool) -> tuple[SprtCounts, Verdict]:
+    """Add one response and decide; returns the counts to keep and the verdict.
+
+    On ACCEPT the kept counts restart at zero (monitoring goes on; a later degradation must be
+    caught from a fresh start) while the verdict carries the counts that accepted. On REJECT and
+    CONTINUE the new counts are kept.
+    """
+    verdict = evaluate(bounds, counts.observe(error))
+    if verdict.decision is Decision.ACCEPT:
+        return SprtCounts(), verdict
+    return verdict.counts, verdict
+
+
+def fixed_sample_size(e0: float, e1: float, alpha: float, beta: float) -> int:
+    """n of the one-sided fixed-sample test of e0 against e1 with the same alpha and beta.
+
+    Uses the normal approximation to the binomial with each hypothesis' own variance:
+    n = ((z_{1-alpha} sqrt(e0(1-e0)) + z_{1-beta} sqrt(e1(1-e1))) / (e1 - e0))^2, rounded up.
+    """
+    SprtBounds(e0=e0, e1=e1, alpha=alpha, beta=beta)  # the same validation, same messages
+    z_alpha = float(norm.ppf(1 - alpha))
+    z_beta = float(norm.ppf(1 - beta))
+    spread = z_alpha * math.sqrt(e0 * (1 - e0)) + z_beta * math.sqrt(e1 * (1 - e1))
+    return math.ceil((spread / (e1 - e0)) ** 2)
+
+
+def expected_sample_number(bounds: SprtBounds, e: float) -> float:
+    """Wald's approximation of the mean number of responses to a decision at error rate e.
+
+    ASN(e) = (L(e) B + (1 - L(e)) A) / E[z], with z the llr increment of one response and
+    L(e) = (exp(hA) - 1) / (exp(hA) - exp(hB)) the probability of accepting, where h != 0
+    solves E[exp(h z)] = 1 (h = 1 at e0, h = -1 at e1). Overshoot of the bounds is ignored,
+    so the true ASN is a little larger. At the rate where E[z] = 0 the limit -AB / E[z^2] holds.
+    """
+    if not 0.0 <= e <= 1.0:
+        raise ValueError(f"e must lie in [0, 1], got {e!r}")
+    up, down = bounds.log_error_ratio, bounds.log_success_ratio
+    a, b = bounds.A, bounds.B
+    drift = e * up + (1 - e) * down
+    second_moment = e * up * up + (1 - e) * down * down
+    if abs(drift) <= 1e-9 * second_moment:
+        return -a * b / second_moment
+    if e in (0.0, 1.0):
+        return (b if e == 0.0 else a) / drift
+    accept = _accept_probability(_wald_h(e, up, down), a, b)
+    return (accept * b + (1 - accept) * a) / drift
+
+
+def _wald_h(e: float, up: float, down: float) -> float:
+    """The nonzero root of g(h) = e exp(h up) + (1 - e) exp(h down) - 1."""
+
+    def g(h: float) -> float:
+        return e * math.exp(h * up) + (1 - e) * math.exp(h * down) - 1
+
+    # g is convex with g(0) = 0; its minimum sits at h_min, strictly between 0 and the root,
+    # so [h_min, far] brackets the root once `far` is pushed out past it.
+    h_min = math.log(-(1 - e) * down / (e * up)) / (up - down)
+    far = 2 * h_min
+    while g(far) < 0:
+        far *= 2
+    lo, hi = sorted((h_min, far))
+    return float(brentq(g, lo, hi, xtol=1e-14, rtol=1e-14))
+
+
+def _accept_probability(h: float, a: float, b: float) -> float:
+    """Wald's operating characteristic (exp(hA) - 1) / (exp(hA) - exp(hB)), kept finite."""
+    if h > 0:  # divide through by exp(hA): every exponent below is <= 0
+        return -math.expm1(-h * a) / -math.expm1(h * (b - a))
+    # h < 0: multiply through by exp(-hB): every exponent below is <= 0
+    return (math.exp(h * (a - b)) - math.exp(-h * b)) / math.expm1(h * (a - b))
