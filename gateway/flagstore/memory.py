@@ -1,0 +1,163 @@
+"""The embedded flag store: the flags file, loaded at start, edited in memory (one process).
+
+Same semantics as the Redis store (versions, compare-and-set, audit, guard epochs) so the
+admin API and the controller cannot tell them apart; only nothing outlives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.core.flags import Flag, parse_flag_set
+from gateway.core.schedule import Rollout
+from gateway.errors import (
+    ConflictError,
+    FieldError,
+    InvalidDocument,
+    NotFoundError,
+    PreconditionRequired,
+)
+from gateway.flagstore.base import AuditEvent, ChangeKind, GuardCounts, OnChange, StoredFlag
+
+AUDIT_KEEP = 10_000
+
+
+def read_flags_file(path: str | Path) -> list[StoredFlag]:
+    """Validate a flags file as a whole; every flag starts at version 1."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidDocument([FieldError(str(path), f"cannot read: {exc.strerror}")]) from exc
+    except yaml.YAMLError as exc:
+        raise InvalidDocument([FieldError(str(path), f"not valid YAML or JSON: {exc}")]) from exc
+    flag_set = parse_flag_set(doc)
+    raw: list[dict[str, Any]] = (doc or {}).get("flags") or []
+    return [StoredFlag(flag, dict(item), 1) for flag, item in zip(flag_set.flags, raw, strict=True)]
+
+
+class MemoryStore:
+    kind = "memory"
+
+    def __init__(self, flags_file: str | Path | None) -> None:
+        self._flags_file = flags_file
+        self._flags: dict[str, StoredFlag] = {}
+        self._rollouts: dict[str, Rollout] = {}
+        self._guards: dict[str, GuardCounts] = {}
+        self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_KEEP)
+        self._on_change: OnChange | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._loaded = False
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def open(self, on_change: OnChange) -> None:
+        self._on_change = on_change
+        await self.load()
+
+    async def load(self) -> list[StoredFlag]:
+        if not self._loaded:
+            if self._flags_file is not None:
+                stored = await asyncio.to_thread(read_flags_file, self._flags_file)
+                self._flags = {f.key: f for f in stored}
+            self._loaded = True
+        return [self._flags[k] for k in sorted(self._flags)]
+
+    async def get(self, key: str) -> StoredFlag | None:
+        return self._flags.get(key)
+
+    async def put(
+        self, flag: Flag, document: dict[str, Any], *, if_match: int | None, event: AuditEvent
+    ) -> StoredFlag:
+        current = self._flags.get(flag.key)
+        _check_version(flag.key, current.version if current else None, if_match)
+        stored = StoredFlag(flag, document, (current.version if current else 0) + 1)
+        self._flags[flag.key] = stored
+        self._audit.append(
+            replace(
+                event,
+                version_before=current.version if current else None,
+                version_after=stored.version,
+            )
+        )
+        await self._announce("flag", flag.key)
+        return stored
+
+    async def delete(self, key: str, *, if_match: int, event: AuditEvent) -> None:
+        current = self._flags.get(key)
+        if current is None:
+            raise NotFoundError(f"no flag {key!r}")
+        _check_version(key, current.version, if_match)
+        del self._flags[key]
+        self._rollouts.pop(key, None)
+        self._guards.pop(key, None)
+        self._audit.append(replace(event, version_before=current.version, version_after=None))
+        await self._announce("flag", key)
+
+    async def audit(self, *, flag: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        events = [e for e in reversed(self._audit) if flag is None or e.flag == flag]
+        return events[:limit]
+
+    async def record(self, event: AuditEvent) -> None:
+        self._audit.append(event)
+
+    async def rollout(self, key: str) -> Rollout | None:
+        return self._rollouts.get(key)
+
+    async def save_rollout(
+        self,
+        key: str,
+        rollout: Rollout,
+        *,
+        expected: Rollout | None,
+        event: AuditEvent | None = None,
+    ) -> bool:
+        if self._rollouts.get(key) != expected:
+            return False
+        self._rollouts[key] = rollout
+        if event is not None:
+            self._audit.append(event)
+        await self._announce("rollout", key)
+        return True
+
+    async def add_guard_counts(self, key: str, n: int, k: int, *, epoch: int) -> GuardCounts:
+        counts = self._guards.get(key, GuardCounts())
+        if counts.epoch == epoch:
+            counts = GuardCounts(counts.n + n, counts.k + k, epoch)
+            self._guards[key] = counts
+        return counts
+
+    async def reset_guard(self, key: str, *, epoch: int) -> GuardCounts:
+        counts = self._guards.get(key, GuardCounts())
+        if counts.epoch == epoch:
+            counts = GuardCounts(0, 0, epoch + 1)
+            self._guards[key] = counts
+        return counts
+
+    async def close(self) -> None:
+        self._on_change = None
+
+    async def _announce(self, kind: ChangeKind, key: str) -> None:
+        if self._on_change is not None:
+            # Like a pub/sub message: delivered after the write returns, never inside it.
+            task = asyncio.get_running_loop().create_task(self._on_change(kind, key))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+
+def _check_version(key: str, current: int | None, if_match: int | None) -> None:
+    if if_match is None:
+        if current is not None:
+            raise PreconditionRequired(
+                f"flag {key!r} exists (version {current}): send If-Match with its version"
+            )
+        return
+    if current != if_match:
+        raise ConflictError(key, if_match, current)

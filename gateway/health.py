@@ -1,0 +1,35 @@
+"""Liveness, readiness and the Prometheus endpoint on the admin port."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+def health_routes(gateway: Gateway) -> list[Route]:
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ready = gateway.ready and gateway.pool is not None
+        body = {"ready": ready, "flags": len(gateway.router)}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics(request: Request) -> Response:
+        if gateway.last_sync:
+            gateway.metrics.flag_store_sync_age.set(time.time() - gateway.last_sync)
+        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+    ]

@@ -1,0 +1,65 @@
+"""Serves a Gateway: the data plane and the admin side, two uvicorn servers on one loop.
+
+Shutdown on SIGTERM/SIGINT, step by step: both servers stop accepting, in-flight requests
+finish (up to `shutdown_grace_s`), then the gateway flushes and closes its clients and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from gateway.app import Gateway
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server whose signals are handled by `serve_gateway`, for both servers at once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        loop="none",
+        http="httptools",
+        access_log=False,
+        # The gateway appends the peer's address to X-Forwarded-For itself; uvicorn must not
+        # replace the peer with a client-supplied value first.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=grace,
+        log_level="warning",
+    )
+
+
+async def serve_gateway(gateway: Gateway) -> None:
+    s = gateway.settings
+    grace = s.shutdown_grace_s
+    data = _Server(_config(gateway.data_app, s.listen.host, s.listen.port, grace))
+    admin = _Server(_config(gateway.admin_app, s.admin.host, s.admin.port, grace))
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        data.should_exit = admin.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    async with gateway.running():
+        await asyncio.gather(data.serve(), admin.serve())
+
+
+def run(gateway: Gateway) -> None:
+    import uvloop
+
+    uvloop.run(serve_gateway(gateway))

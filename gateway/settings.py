@@ -1,0 +1,174 @@
+"""Gateway settings: `config/gateway.yaml`, then environment, then command-line flags.
+
+Every key is optional (DESIGN 8). `load_settings` validates everything once and raises
+`InvalidDocument` listing every problem by key path, like the flag documents.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import FieldError, InvalidDocument
+
+ENV_REDIS_URL = "GATEWAY_REDIS_URL"
+ENV_ADMIN_TOKENS = "GATEWAY_ADMIN_TOKENS"
+ENV_CONFIG = "GATEWAY_CONFIG"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class AdminToken(_Section):
+    name: str = Field(min_length=1)
+    role: Literal["viewer", "operator"]
+    secret: str = Field(min_length=8, repr=False)
+
+
+class Admin(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9090, ge=0, le=65535)
+    tokens: tuple[AdminToken, ...] = ()
+
+
+class Store(_Section):
+    kind: Literal["memory", "redis"] = "memory"
+    flags_file: str | None = "config/flags.yaml"
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "gw"
+    resync_interval_s: float = Field(5.0, gt=0)
+    flush_interval_s: float = Field(0.05, gt=0)
+
+
+class Upstream(_Section):
+    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    connect_timeout_s: float = Field(1.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    mirror_max_body_bytes: int = Field(1024 * 1024, ge=0)
+
+
+class ShadowSettings(_Section):
+    max_in_flight: int = Field(256, ge=1)
+    pair_log: str | None = None
+
+
+class Settings(_Section):
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    store: Store = Store()
+    upstream: Upstream = Upstream()
+    shadow: ShadowSettings = ShadowSettings()
+    workers: int = Field(1, ge=1)
+    controller_interval_s: float = Field(0.1, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+
+def parse_tokens(spec: str) -> tuple[AdminToken, ...]:
+    """`name:role:secret[,name:role:secret...]` as in GATEWAY_ADMIN_TOKENS."""
+    tokens = []
+    for i, item in enumerate(p for p in spec.split(",") if p.strip()):
+        parts = item.strip().split(":", 2)
+        if len(parts) != 3:
+            raise InvalidDocument(
+                [FieldError(f"{ENV_ADMIN_TOKENS}[{i}]", "expected name:role:secret")]
+            )
+        name, role, secret = parts
+        tokens.append({"name": name, "role": role, "secret": secret})
+    return _validated(Admin, {"tokens": tokens}, ENV_ADMIN_TOKENS).tokens
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """File, then env, then `overrides` (dotted keys such as `listen.port`), validated once."""
+    env = os.environ if env is None else env
+    doc = _read_yaml(path or env.get(ENV_CONFIG))
+    if env.get(ENV_REDIS_URL):
+        _set(doc, "store.kind", "redis")
+        _set(doc, "store.url", env[ENV_REDIS_URL])
+    settings_tokens = None
+    if env.get(ENV_ADMIN_TOKENS):
+        settings_tokens = parse_tokens(env[ENV_ADMIN_TOKENS])
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(doc, dotted, value)
+    settings = _validated(Settings, doc, "")
+    if settings_tokens is not None:
+        settings = settings.model_copy(
+            update={"admin": settings.admin.model_copy(update={"tokens": settings_tokens})}
+        )
+    check_consistency(settings)
+    return settings
+
+
+def check_consistency(settings: Settings) -> None:
+    if settings.workers > 1 and settings.store.kind == "memory":
+        raise InvalidDocument(
+            [
+                FieldError(
+                    "workers",
+                    f"{settings.workers} workers need a shared flag store: the memory store "
+                    "lives in one process; use --redis-url (or store.kind: redis)",
+                )
+            ]
+        )
+
+
+def _read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidDocument([FieldError(str(path), f"cannot read: {exc.strerror}")]) from exc
+    except yaml.YAMLError as exc:
+        raise InvalidDocument([FieldError(str(path), f"not valid YAML: {exc}")]) from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise InvalidDocument([FieldError(str(path), "expected a mapping of settings")])
+    return loaded
+
+
+def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = doc
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def _validated(model: type[M], doc: object, prefix: str) -> M:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors(include_url=False):
+            path = ".".join(str(p) for p in err["loc"])
+            path = f"{prefix}.{path}" if prefix and path else (prefix or path or "$")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if message == "Extra inputs are not permitted":
+                message = "unknown setting"
+            errors.append(FieldError(path, message))
+        raise InvalidDocument(errors) from exc

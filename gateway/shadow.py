@@ -1,0 +1,292 @@
+"""Shadow traffic (DESIGN 6): mirror sampled requests off the response path and pair answers.
+
+A sampled request is sent to each shadow as soon as its body is read, in a bounded set of
+background tasks (full means the mirror is dropped and counted). The shadow's task then waits
+for the primary's outcome, computes the shadow's metric for both answers, logs the pair as
+one JSON line on logger `gateway.shadow` and adds `d = m(shadow) - m(primary)` to the running
+(n, mean, M2) that the paired t-test reads. Nothing here can delay or fail the primary: the
+primary only resolves a future.
+
+Metrics: `latency_ms` (each side's time to its last byte), `error` (1 for a transport failure
+or a 5xx), `json:/pointer` (the number at that JSON pointer in each body), `agreement` (the
+primary counts 1, the shadow 1 when it answered the same status and body, else 0: the mean
+difference is minus the disagreement rate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.core.paired import Reservoir, RunningStats, paired_ttest, wilcoxon_test
+from gateway.errors import UpstreamError
+from gateway.metrics import Metrics
+from gateway.runtime import Arm, FlagRuntime
+from gateway.upstream import Body
+
+pair_log = logging.getLogger("gateway.shadow")
+log = logging.getLogger("gateway.mirror")
+
+SUMMARY_EVERY = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One side's answer, as the metric needs it."""
+
+    variant: str
+    status: int
+    failure: str | None
+    ms: float
+    body: bytes
+
+
+def metric_value(metric: str, outcome: Outcome, other: Outcome | None = None) -> float | None:
+    """The shadow metric of one answer; None when it has no value (e.g. no number there)."""
+    if metric == "latency_ms":
+        return outcome.ms
+    if metric == "error":
+        return 1.0 if outcome.failure is not None or outcome.status >= 500 else 0.0
+    if metric == "agreement":
+        if other is None:
+            return 1.0
+        same = outcome.status == other.status and _same_body(outcome.body, other.body)
+        return 1.0 if same else 0.0
+    return json_pointer_number(outcome.body, metric.removeprefix("json:"))
+
+
+def json_pointer_number(body: bytes, pointer: str) -> float | None:
+    try:
+        node: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    for raw in pointer.split("/")[1:]:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        return None
+    return float(node)
+
+
+def _same_body(a: bytes, b: bytes) -> bool:
+    if a == b:
+        return True
+    try:
+        return bool(orjson.loads(a) == orjson.loads(b))
+    except orjson.JSONDecodeError:
+        return False
+
+
+@dataclass(slots=True)
+class ShadowStats:
+    """One (flag, shadow) pair's statistics on this replica."""
+
+    metric: str
+    merged: RunningStats = field(default_factory=RunningStats)  # fleet-wide, as last read
+    pending: RunningStats = field(default_factory=RunningStats)  # here, not yet merged
+    reservoir: Reservoir = field(default_factory=Reservoir)
+    pairs: int = 0
+
+    def add(self, d: float, rng: random.Random) -> None:
+        self.pending = self.pending.add(d)
+        self.reservoir.add(d, rng)
+        self.pairs += 1
+
+    @property
+    def total(self) -> RunningStats:
+        return self.merged.merge(self.pending)
+
+    def report(self, shadow: str) -> dict[str, Any]:
+        test = paired_ttest(self.total)
+        out: dict[str, Any] = {"shadow": shadow, "metric": self.metric, "n": self.total.n}
+        if test is None:
+            out |= {"mean_diff": self.total.mean if self.total.n else None, "t": None,
+                    "df": None, "p": None, "ci95": None}  # fmt: skip
+        else:
+            out |= test.as_dict()
+        wilcoxon = wilcoxon_test(self.reservoir.values())
+        out["wilcoxon_signed_rank_on_reservoir"] = wilcoxon.as_dict() if wilcoxon else None
+        return out
+
+
+class Pairing:
+    """What the primary path holds for a mirrored request: it resolves `primary` once."""
+
+    __slots__ = ("capture_limit", "primary", "wants_body")
+
+    def __init__(self, wants_body: bool, capture_limit: int) -> None:
+        self.primary: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        self.wants_body = wants_body
+        self.capture_limit = capture_limit
+
+    def done(self, outcome: Outcome | None) -> None:
+        if not self.primary.done():
+            self.primary.set_result(outcome)
+
+
+class Mirror:
+    """Mirrors requests to shadows in at most `max_in_flight` background tasks."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_in_flight: int,
+        mirror_max_body_bytes: int,
+        wait_for_primary_s: float,
+        seed: int | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._max_in_flight = max_in_flight
+        self._limit = mirror_max_body_bytes
+        self._wait = wait_for_primary_s
+        self._rng = random.Random(seed)
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.stats: dict[tuple[str, str], ShadowStats] = {}
+
+    def begin(
+        self,
+        flag: FlagRuntime,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: Body,
+    ) -> Pairing | None:
+        """Called once the request body is read; never blocks, never raises."""
+        if method not in flag.mirror_methods or not (body is None or isinstance(body, bytes)):
+            return None
+        if body is not None and len(body) > self._limit:
+            return None
+        pairing: Pairing | None = None
+        for arm in flag.shadows:
+            if self._rng.random() >= arm.sample:
+                continue
+            if len(self.in_flight) >= self._max_in_flight:
+                self._metrics.shadow_requests.labels(flag.key, arm.name, "dropped").inc()
+                continue
+            if pairing is None:
+                pairing = Pairing(flag.shadows_want_body, self._limit)
+            task = asyncio.get_running_loop().create_task(
+                self._mirror(flag, arm, pairing, method, target, headers, body)
+            )
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+        return pairing
+
+    async def _mirror(
+        self,
+        flag: FlagRuntime,
+        arm: Arm,
+        pairing: Pairing,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: Body,
+    ) -> None:
+        shadow = await self._call(arm, method, target, headers, body)
+        outcome_label = "error" if shadow.failure or shadow.status >= 500 else "ok"
+        self._metrics.shadow_requests.labels(flag.key, arm.name, outcome_label).inc()
+        try:
+            primary = await asyncio.wait_for(asyncio.shield(pairing.primary), self._wait)
+        except TimeoutError:
+            return
+        if primary is None:
+            return  # the primary never completed (client gone): nothing to pair
+        self._pair(flag, arm, primary, shadow, request_id=_request_id(headers))
+
+    async def _call(
+        self, arm: Arm, method: str, target: str, headers: list[tuple[str, str]], body: Body
+    ) -> Outcome:
+        started = time.perf_counter()
+        status, failure, chunks, size = 0, None, [], 0
+        try:
+            response = await arm.client.send(method, arm.origin, target, headers, body)
+            status = response.status
+            try:
+                async for chunk in response.chunks():
+                    if size <= self._limit:
+                        chunks.append(chunk)
+                        size += len(chunk)
+            finally:
+                await response.aclose()
+        except UpstreamError as exc:
+            failure = exc.kind
+        ms = (time.perf_counter() - started) * 1000.0
+        return Outcome(arm.name, status, failure, ms, b"".join(chunks))
+
+    def _pair(
+        self, flag: FlagRuntime, arm: Arm, primary: Outcome, shadow: Outcome, *, request_id: str
+    ) -> None:
+        metric = arm.metric
+        primary_value = metric_value(metric, primary)
+        shadow_value = metric_value(metric, shadow, primary)
+        d = None
+        if primary_value is not None and shadow_value is not None:
+            d = shadow_value - primary_value
+            stats = self.stats.setdefault((flag.key, arm.name), ShadowStats(metric))
+            stats.add(d, self._rng)
+            if stats.pairs % SUMMARY_EVERY == 0:
+                log.info(
+                    "shadow summary %s",
+                    orjson.dumps({"flag": flag.key, **stats.report(arm.name)}).decode(),
+                )
+        pair_log.info(
+            orjson.dumps(
+                {
+                    "ts": time.time(),
+                    "flag": flag.key,
+                    "shadow": arm.name,
+                    "request_id": request_id,
+                    "primary_variant": primary.variant,
+                    "primary_status": primary.status,
+                    "shadow_status": shadow.status,
+                    "primary_ms": round(primary.ms, 3),
+                    "shadow_ms": round(shadow.ms, 3),
+                    "metric": metric,
+                    "primary_value": primary_value,
+                    "shadow_value": shadow_value,
+                    "d": d,
+                }
+            ).decode()
+        )
+
+    def report(self, flag: FlagRuntime) -> list[dict[str, Any]]:
+        out = []
+        for arm in flag.shadows:
+            stats = self.stats.get((flag.key, arm.name)) or ShadowStats(arm.metric)
+            out.append(stats.report(arm.name))
+        return out
+
+    async def drain(self, timeout_s: float) -> None:
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=timeout_s)
+
+
+def configure_pair_log(path: str | None) -> None:
+    """Pair lines go to standard output, or to `path` (`shadow.pair_log`), as bare JSON lines."""
+    handler: logging.Handler = (
+        logging.FileHandler(path) if path else logging.StreamHandler(sys.stdout)
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    pair_log.handlers[:] = [handler]
+    pair_log.setLevel(logging.INFO)
+    pair_log.propagate = False
+
+
+def _request_id(headers: list[tuple[str, str]]) -> str:
+    for name, value in reversed(headers):
+        if name == "x-request-id":
+            return value
+    return ""

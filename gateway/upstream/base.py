@@ -1,0 +1,63 @@
+"""The upstream interface: what the request path needs from an HTTP client, and no more."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an arm's requests go: scheme, host and port from a validated flag document.
+
+    The request path only ever appends the client's path and query to an Origin, so no
+    request can make the gateway call a host that no flag names.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str = ""
+    http2: bool = False
+
+    @classmethod
+    def parse(cls, url: str, *, http2: bool = False) -> Origin:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = parts.hostname or ""
+        return cls(parts.scheme, host, port, parts.path.rstrip("/"), http2)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.base_path}"
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, undecoded."""
+        ...
+
+    async def aclose(self) -> None:
+        """Give the connection back (or drop it if the body was not read to the end)."""
+        ...
+
+
+class UpstreamClient(Protocol):
+    async def send(
+        self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
+    ) -> UpstreamResponse:
+        """Send one request; `target` is the path and query exactly as the client sent them.
+
+        Raises `UpstreamConnectError` or `UpstreamTimeout`; never a library exception.
+        """
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,78 @@
+"""The httpx upstream client: HTTP/2 model servers, and users who prefer httpx."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+
+from gateway.errors import UpstreamConnectError, UpstreamTimeout
+from gateway.upstream.base import Body, Origin
+
+
+class HttpxResponse:
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers = list(response.headers.raw)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxClient:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_connections: int,
+        http2: bool,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            http1=True,
+            http2=http2,
+            timeout=httpx.Timeout(
+                read_timeout_s, connect=connect_timeout_s, pool=connect_timeout_s
+            ),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def send(
+        self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
+    ) -> HttpxResponse:
+        path, _, query = target.partition("?")
+        url = httpx.URL(
+            scheme=origin.scheme,
+            host=origin.host,
+            port=origin.port,
+            raw_path=(origin.base_path + path + ("?" + query if query else "")).encode("latin-1"),
+        )
+        request = self._client.build_request(method, url, headers=headers, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        return HttpxResponse(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _translate(exc: httpx.HTTPError) -> UpstreamConnectError | UpstreamTimeout:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"upstream timed out: {exc.__class__.__name__}")
+    return UpstreamConnectError(f"upstream failed: {exc.__class__.__name__}: {exc}")
