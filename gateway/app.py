@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
+from gateway.admin import admin_routes
 from gateway.controller import Controller
 from gateway.core.flags import Flag
 from gateway.errors import PreconditionRequired, StoreUnavailable
@@ -73,7 +74,7 @@ class Gateway:
             interval_s=settings.store.flush_interval_s,
         )
         self.data_app = _WithLifespan(self.proxy, self)
-        self.admin_app = Starlette(routes=health_routes(self))
+        self.admin_app = Starlette(routes=health_routes(self) + admin_routes(self))
         self._tasks: list[asyncio.Task[None]] = []
 
     def new_guard(self, flag: Flag) -> CanaryGuard:

@@ -9,6 +9,7 @@ from typing import Any
 import mmh3
 import pytest
 import yaml
+from conftest import free_port
 from typer.testing import CliRunner
 
 import gateway.cli.offline  # noqa: F401 - registers the commands on `app`
@@ -153,9 +154,10 @@ def test_assign_positional_unit_and_rules(tmp_path: Path) -> None:
     ]
 
 
-def test_assign_without_flags_points_at_the_online_form() -> None:
-    result = runner.invoke(app, ["assign", "sentiment", "alice"])
-    assert result.exit_code == 2
+def test_assign_without_flags_asks_a_gateway_and_says_how_when_none_answers() -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["assign", "sentiment", "alice", "--admin-url", nowhere])
+    assert result.exit_code == 1
     assert "--admin-url" in result.output
     assert "--flags" in result.output
 

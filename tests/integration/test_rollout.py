@@ -1,0 +1,260 @@
+"""Rollouts end to end: the guard rolls back a bad canary, schedules ramp and promote, operators
+pause and resume; real `gateway serve` processes, real model servers, the real admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import GATEWAY_BIN, flag_doc
+
+OPERATOR = "ops-token-123456"
+TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR},eye:viewer:viewer-token-1234"}
+AUTH = {"authorization": f"Bearer {OPERATOR}"}
+
+
+def status(gw: Any, key: str = "sentiment") -> dict[str, Any]:
+    r = httpx.get(f"{gw.admin_url}/admin/flags/{key}/status", headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def act(gw: Any, action: str, reason: str = "test", key: str = "sentiment") -> httpx.Response:
+    return httpx.post(
+        f"{gw.admin_url}/admin/flags/{key}/{action}", headers=AUTH, json={"reason": reason}
+    )
+
+
+def access_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def logged_model(spawn: Callable[..., Any], tmp_path: Path, name: str, *extra: str) -> Any:
+    log = tmp_path / f"{name}.jsonl"
+    server = spawn(
+        lambda p: [
+            str(GATEWAY_BIN),
+            "model-server",
+            "--port",
+            str(p),
+            "--name",
+            name,
+            "--access-log",
+            str(log),
+            *extra,
+        ]
+    )
+    return server, log
+
+
+def test_bad_canary_is_rolled_back_within_a_few_requests(
+    spawn: Callable[..., Any], tmp_path: Path, gateway_server: Callable[..., Any]
+) -> None:
+    v1, _ = logged_model(spawn, tmp_path, "v1")
+    v2, v2_log = logged_model(spawn, tmp_path, "v2", "--error-rate", "0.5", "--seed", "1")
+    gw = gateway_server(flag_doc(v1.url, v2.url, weight=0.5), env=TOKENS)
+    canary_answers = 0
+    with httpx.Client(base_url=gw.url) as client:
+        for i in range(400):
+            r = client.post("/v1/sentiment", content=b"{}", headers={"x-user-id": f"u{i}"})
+            if r.headers["x-gateway-variant"] == "v2":
+                canary_answers += 1
+            if status(gw)["state"] == "rolled_back":
+                break
+        s = status(gw)
+        assert s["state"] == "rolled_back", s
+        print(f"canary requests answered before the rollback: {canary_answers}")
+        assert canary_answers <= 15
+        guard = s["guard"]
+        assert s["reason"] == "sprt"
+        assert guard["llr"] >= guard["A"] > 4.49
+        assert guard["n"] >= 3 and guard["k"] >= 3
+        assert math.isclose(
+            guard["llr"],
+            guard["k"] * math.log(5) + (guard["n"] - guard["k"]) * math.log(0.95 / 0.99),
+            rel_tol=1e-6,
+        )
+        logged = len(access_log(v2_log))
+        after = [
+            client.post("/v1/sentiment", content=b"{}", headers={"x-user-id": f"w{i}"})
+            for i in range(200)
+        ]
+    assert {r.headers["x-gateway-variant"] for r in after} == {"v1"}
+    assert all(r.status_code == 200 for r in after)
+    assert len(access_log(v2_log)) == logged
+    audit = httpx.get(f"{gw.admin_url}/admin/audit", params={"flag": "sentiment"}, headers=AUTH)
+    rollbacks = [e for e in audit.json()["events"] if e["action"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["reason"] == "sprt"
+    assert rollbacks[0]["details"]["llr"] >= rollbacks[0]["details"]["A"]
+    metrics = httpx.get(f"{gw.admin_url}/metrics").text
+    assert 'gateway_rollbacks_total{flag="sentiment",reason="sprt"} 1.0' in metrics
+    assert 'gateway_rollout_state{flag="sentiment",state="rolled_back"} 1.0' in metrics
+
+
+def _drive(url: str, stop: Callable[[], bool], *, concurrency: int = 8, limit_s: float = 90) -> int:
+    """Steady traffic from many users until `stop()`; returns the number of failed requests."""
+
+    async def run() -> int:
+        failures = 0
+        deadline = time.monotonic() + limit_s
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+            async def worker(w: int) -> None:
+                nonlocal failures
+                i = 0
+                while not stop() and time.monotonic() < deadline:
+                    i += 1
+                    r = await client.post(
+                        "/v1/sentiment", content=b"{}", headers={"x-user-id": f"w{w}-{i}"}
+                    )
+                    failures += r.status_code != 200
+
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return failures
+
+    return asyncio.run(run())
+
+
+def test_healthy_canary_ramps_with_evidence_and_is_promoted(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any]
+) -> None:
+    v1, v2 = model_server("v1"), model_server("v2")
+    steps = [
+        {"weight": 0.1, "hold": "1s"},
+        {"weight": 0.5, "hold": "1s"},
+        {"weight": 1.0, "hold": "1s"},
+    ]
+    doc = flag_doc(v1.url, v2.url, schedule={"kind": "step", "steps": steps})
+    gw = gateway_server(doc, env=TOKENS)
+    seen: list[dict[str, Any]] = []
+
+    def promoted() -> bool:
+        s = status(gw)
+        seen.append(s)
+        return s["state"] == "promoted"
+
+    failures = _drive(gw.url, promoted)
+    assert failures == 0
+    assert seen[-1]["state"] == "promoted", seen[-1]
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for s in seen:
+        if s["step"] is not None and s["state"] == "running":
+            by_step.setdefault(s["step"], []).append(s)
+    assert set(by_step) >= {0, 1, 2}
+    for i, observed in by_step.items():
+        assert {s["weight"] for s in observed} == {steps[i]["weight"]}
+    for i in (1, 2):
+        # Evidence gating: step i began only after the guard had accepted H0 in each earlier
+        # step (one acceptance per step: 56 clean canary answers with the default bounds).
+        assert min(s["guard"]["accepts"] for s in by_step[i]) >= i, by_step[i][0]
+    document = httpx.get(f"{gw.admin_url}/admin/flags/sentiment", headers=AUTH).json()["document"]
+    assert document["stable"]["name"] == "v2" and "canary" not in document
+    with httpx.Client(base_url=gw.url) as client:
+        variants = {
+            client.get("/v1/sentiment", headers={"x-user-id": f"z{i}"}).headers["x-gateway-variant"]
+            for i in range(50)
+        }
+    assert variants == {"v2"}
+    events = httpx.get(f"{gw.admin_url}/admin/audit", headers=AUTH).json()["events"]
+    assert [e["actor"] for e in events if e["action"] == "promote"] == ["controller"]
+
+
+def test_exponential_weight_follows_the_formula(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any]
+) -> None:
+    v1, v2 = model_server("v1"), model_server("v2")
+    p0, rate = 0.05, 0.5
+    schedule = {"kind": "exponential", "p0": p0, "rate": f"{rate}/s", "hold_at_full": "1h"}
+    gw = gateway_server(flag_doc(v1.url, v2.url, schedule=schedule), env=TOKENS)
+    checked = 0
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        s = status(gw)
+        t = s["running_s"]
+        # The controller recomputes the weight every 0.1 s: allow that much lag.
+        low, high = (min(1.0, p0 * math.exp(rate * max(0.0, x))) for x in (t - 0.3, t + 0.01))
+        assert low - 1e-9 <= s["weight"] <= high + 1e-9, (t, s["weight"], low, high)
+        checked += 1
+        time.sleep(0.1)
+    assert checked > 20
+    assert status(gw)["weight"] == 1.0  # T* = ln(20)/0.5 = 6 s
+
+
+def test_fallback_hides_canary_errors_and_still_rolls_back(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any]
+) -> None:
+    v1, v2 = model_server("v1"), model_server("v2", error_rate=1.0)
+    gw = gateway_server(
+        flag_doc(v1.url, v2.url, weight=0.5, on_canary_error="fallback"), env=TOKENS
+    )
+    with httpx.Client(base_url=gw.url) as client:
+        answers = [
+            client.post("/v1/sentiment", content=b"{}", headers={"x-user-id": f"u{i}"})
+            for i in range(100)
+        ]
+    assert [r.status_code for r in answers] == [200] * 100
+    assert {r.json()["model"] for r in answers} == {"v1"}
+    s = status(gw)
+    assert s["state"] == "rolled_back" and s["reason"] == "sprt"
+    assert s["guard"]["k"] >= 3
+
+
+def test_pause_freezes_weight_and_clock_and_resume_continues(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any]
+) -> None:
+    v1, v2 = model_server("v1"), model_server("v2")
+    schedule = {"kind": "exponential", "p0": 0.01, "rate": "0.2/s", "hold_at_full": "1h"}
+    gw = gateway_server(flag_doc(v1.url, v2.url, schedule=schedule), env=TOKENS)
+    time.sleep(1.0)
+    r = act(gw, "pause", "looking at a dashboard")
+    assert r.status_code == 200, r.text
+    frozen = status(gw)
+    assert frozen["state"] == "paused"
+    time.sleep(1.5)
+    later = status(gw)
+    assert later["weight"] == frozen["weight"] and later["running_s"] == frozen["running_s"]
+    assert act(gw, "pause").status_code == 409  # already paused: an illegal transition
+    assert act(gw, "resume", "done").status_code == 200
+    time.sleep(1.0)
+    resumed = status(gw)
+    assert resumed["state"] == "running"
+    assert 0.8 <= resumed["running_s"] - frozen["running_s"] <= 1.6
+    assert resumed["weight"] > frozen["weight"]
+    actions = [
+        e["action"] for e in httpx.get(f"{gw.admin_url}/admin/audit", headers=AUTH).json()["events"]
+    ]
+    assert actions[:2] == ["resume", "pause"]
+
+
+def test_operator_rollback_and_restart(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any]
+) -> None:
+    v1, v2 = model_server("v1"), model_server("v2")
+    gw = gateway_server(flag_doc(v1.url, v2.url, weight=0.5), env=TOKENS)
+    assert act(gw, "rollback", "bad dashboard").status_code == 200
+    s = status(gw)
+    assert s["state"] == "rolled_back" and s["weight"] == 0.0
+    with httpx.Client(base_url=gw.url) as client:
+        seen = {
+            client.get("/v1/sentiment", headers={"x-user-id": f"u{i}"}).headers["x-gateway-variant"]
+            for i in range(60)
+        }
+        assert seen == {"v1"}
+        viewer = {"authorization": "Bearer viewer-token-1234"}
+        denied = httpx.post(
+            f"{gw.admin_url}/admin/flags/sentiment/restart", headers=viewer, json={"reason": "x"}
+        )
+        assert denied.status_code == 403
+        assert act(gw, "restart", "fixed").status_code == 200
+        assert status(gw)["state"] == "running" and status(gw)["weight"] == 0.5
+        seen = {
+            client.get("/v1/sentiment", headers={"x-user-id": f"u{i}"}).headers["x-gateway-variant"]
+            for i in range(60)
+        }
+        assert seen == {"v1", "v2"}
