@@ -24,13 +24,13 @@ from gateway.errors import PreconditionRequired, StoreUnavailable
 from gateway.flagstore import AuditEvent, FlagStore, MemoryStore, StoredFlag, read_flags_file
 from gateway.flagstore.base import ChangeKind
 from gateway.guard import CanaryGuard
-from gateway.guardsync import GuardSync
 from gateway.health import health_routes
 from gateway.metrics import Metrics
 from gateway.proxy import Message, Proxy, Receive, Scope, Send
 from gateway.runtime import FlagRuntime, Router, carry_over, compile_flag
 from gateway.settings import Settings
 from gateway.shadow import Mirror
+from gateway.sync import CounterSync
 from gateway.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,11 @@ class Gateway:
             lambda: self.router,
             interval_s=settings.controller_interval_s,
         )
-        self.guard_sync = GuardSync(
+        self.counter_sync = CounterSync(
             self.store,
             self.metrics,
             lambda: self.router,
+            self.mirror,
             interval_s=settings.store.flush_interval_s,
         )
         self.data_app = _WithLifespan(self.proxy, self)
@@ -92,7 +93,7 @@ class Gateway:
         self.install(await self.store.load())
         await self.controller.tick()
         self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
-        self._tasks.append(asyncio.create_task(self.guard_sync.run(), name="guard-sync"))
+        self._tasks.append(asyncio.create_task(self.counter_sync.run(), name="counter-sync"))
         self.metrics.flag_store_up.set(1)
         self.ready = True
 
@@ -108,7 +109,7 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.controller.drain()
             await self.mirror.drain(timeout_s=2.0)
-            await self.guard_sync.flush()
+            await self.counter_sync.flush()
         await self.store.close()
         if self.pool is not None:
             await self.pool.aclose()

@@ -35,6 +35,7 @@ pair_log = logging.getLogger("gateway.shadow")
 log = logging.getLogger("gateway.mirror")
 
 SUMMARY_EVERY = 100
+MAX_PENDING_LINES = 10_000  # pair lines kept for the store while it is away
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +99,22 @@ class ShadowStats:
     pending: RunningStats = field(default_factory=RunningStats)  # here, not yet merged
     reservoir: Reservoir = field(default_factory=Reservoir)
     pairs: int = 0
+    lines: list[str] = field(default_factory=list)  # pair lines for the store's capped stream
 
     def add(self, d: float, rng: random.Random) -> None:
         self.pending = self.pending.add(d)
         self.reservoir.add(d, rng)
         self.pairs += 1
+
+    def take_pending(self) -> tuple[RunningStats, list[str]]:
+        pending, lines = self.pending, self.lines
+        self.pending, self.lines = RunningStats(), []
+        return pending, lines
+
+    def restore_pending(self, pending: RunningStats, lines: list[str]) -> None:
+        """A flush failed: merge back (pairs counted meanwhile are kept too)."""
+        self.pending = pending.merge(self.pending)
+        self.lines = (lines + self.lines)[-MAX_PENDING_LINES:]
 
     @property
     def total(self) -> RunningStats:
@@ -232,35 +244,33 @@ class Mirror:
         metric = arm.metric
         primary_value = metric_value(metric, primary)
         shadow_value = metric_value(metric, shadow, primary)
+        stats = self.stats.setdefault((flag.key, arm.name), ShadowStats(metric))
         d = None
         if primary_value is not None and shadow_value is not None:
             d = shadow_value - primary_value
-            stats = self.stats.setdefault((flag.key, arm.name), ShadowStats(metric))
             stats.add(d, self._rng)
             if stats.pairs % SUMMARY_EVERY == 0:
-                log.info(
-                    "shadow summary %s",
-                    orjson.dumps({"flag": flag.key, **stats.report(arm.name)}).decode(),
-                )
-        pair_log.info(
-            orjson.dumps(
-                {
-                    "ts": time.time(),
-                    "flag": flag.key,
-                    "shadow": arm.name,
-                    "request_id": request_id,
-                    "primary_variant": primary.variant,
-                    "primary_status": primary.status,
-                    "shadow_status": shadow.status,
-                    "primary_ms": round(primary.ms, 3),
-                    "shadow_ms": round(shadow.ms, 3),
-                    "metric": metric,
-                    "primary_value": primary_value,
-                    "shadow_value": shadow_value,
-                    "d": d,
-                }
-            ).decode()
-        )
+                summary = {"flag": flag.key, **stats.report(arm.name)}
+                log.info("shadow summary %s", orjson.dumps(summary).decode())
+        record = {
+            "ts": time.time(),
+            "flag": flag.key,
+            "shadow": arm.name,
+            "request_id": request_id,
+            "primary_variant": primary.variant,
+            "primary_status": primary.status,
+            "shadow_status": shadow.status,
+            "primary_ms": round(primary.ms, 3),
+            "shadow_ms": round(shadow.ms, 3),
+            "metric": metric,
+            "primary_value": primary_value,
+            "shadow_value": shadow_value,
+            "d": d,
+        }
+        line = orjson.dumps(record).decode()
+        pair_log.info(line)
+        if len(stats.lines) < MAX_PENDING_LINES:
+            stats.lines.append(line)
 
     def report(self, flag: FlagRuntime) -> list[dict[str, Any]]:
         out = []

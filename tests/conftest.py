@@ -133,7 +133,9 @@ def model_server(spawn: Callable[..., Server]) -> Callable[..., Server]:
                 "--name",
                 name,
                 *extra,
-            ]
+            ],
+            # A test hook: never delayed or failed, whatever --latency-ms or --error-rate say.
+            ready=lambda port: f"http://127.0.0.1:{port}/_bytes/0",
         )
 
     return start

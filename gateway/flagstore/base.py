@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from gateway.core.flags import Flag
+from gateway.core.paired import RunningStats
 from gateway.core.schedule import Rollout
 
 ChangeKind = Literal["flag", "rollout", "guard", "resync"]
@@ -127,6 +128,13 @@ class FlagStore(Protocol):
     async def reset_guard(self, key: str, *, epoch: int) -> GuardCounts:
         """Start a new guard epoch at n = k = 0 if the current epoch is `epoch`; returns the
         counts now (whoever reset first wins)."""
+        ...
+
+    async def merge_shadow_stats(
+        self, key: str, shadow: str, pending: RunningStats, lines: list[str]
+    ) -> RunningStats:
+        """Merge this replica's pending (n, mean, M2) of d into the fleet-wide one (Chan's
+        formula, atomically) and keep the pair lines (capped); returns the merged stats."""
         ...
 
     async def close(self) -> None: ...

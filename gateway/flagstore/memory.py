@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from gateway.core.flags import Flag, parse_flag_set
+from gateway.core.paired import RunningStats
 from gateway.core.schedule import Rollout
 from gateway.errors import (
     ConflictError,
@@ -49,6 +50,7 @@ class MemoryStore:
         self._flags: dict[str, StoredFlag] = {}
         self._rollouts: dict[str, Rollout] = {}
         self._guards: dict[str, GuardCounts] = {}
+        self._shadows: dict[tuple[str, str], RunningStats] = {}
         self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_KEEP)
         self._on_change: OnChange | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -140,6 +142,13 @@ class MemoryStore:
             counts = GuardCounts(0, 0, epoch + 1)
             self._guards[key] = counts
         return counts
+
+    async def merge_shadow_stats(
+        self, key: str, shadow: str, pending: RunningStats, lines: list[str]
+    ) -> RunningStats:
+        merged = self._shadows.get((key, shadow), RunningStats()).merge(pending)
+        self._shadows[(key, shadow)] = merged
+        return merged  # pair lines already went to the pair log; one process keeps no copy
 
     async def close(self) -> None:
         self._on_change = None

@@ -1,9 +1,11 @@
-"""Flushes the guards' local counts to the store in batches and reads the fleet-wide counts.
+"""Flushes this replica's counts to the store in batches and reads back the fleet-wide ones.
 
-The request path only increments integers; this loop adds them to the store every
+Guards: the request path only increments integers; this loop adds them to the store every
 `flush_interval_s` (so any replica sees the others' evidence within one interval) and hands
-the global counts back to each guard, which may then cross a bound on its own. While the store
-is away the deltas stay in the guards (two integers each) and go out when it returns.
+the global counts back to each guard, which may then cross a bound on its own. Shadows: the
+pending (n, mean, M2) of each flag/shadow is merged into the fleet-wide one (Chan's formula,
+atomically in the store), with the pair lines for the store's capped stream. While the store
+is away everything stays here (a few numbers per flag) and goes out when it returns.
 """
 
 from __future__ import annotations
@@ -12,25 +14,29 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from gateway.core.paired import paired_ttest
 from gateway.errors import StoreUnavailable
 from gateway.flagstore import FlagStore
 from gateway.guard import CanaryGuard
 from gateway.metrics import Metrics
 from gateway.runtime import Router
+from gateway.shadow import Mirror
 
 log = logging.getLogger(__name__)
 
 
-class GuardSync:
+class CounterSync:
     def __init__(
         self,
         store: FlagStore,
         metrics: Metrics,
         router: Callable[[], Router],
+        mirror: Mirror,
         *,
         interval_s: float,
     ) -> None:
         self._store, self._metrics, self._router = store, metrics, router
+        self._mirror = mirror
         self._interval = interval_s
 
     async def run(self) -> None:
@@ -39,6 +45,33 @@ class GuardSync:
             await asyncio.sleep(self._interval)
 
     async def flush(self) -> None:
+        await self.flush_guards()
+        await self.flush_shadows()
+
+    async def flush_shadows(self) -> None:
+        for (key, shadow), stats in list(self._mirror.stats.items()):
+            pending, pairs = stats.take_pending()
+            if not pending.n and not pairs:
+                continue
+            try:
+                merged = await self._store.merge_shadow_stats(key, shadow, pending, pairs)
+            except StoreUnavailable:
+                stats.restore_pending(pending, pairs)
+                continue
+            except Exception:
+                stats.restore_pending(pending, pairs)
+                log.exception("shadow flush failed for %s/%s", key, shadow)
+                continue
+            stats.merged = merged
+            test = paired_ttest(merged)
+            gauge = self._metrics.shadow_ttest
+            gauge.labels(key, shadow, "n").set(merged.n)
+            gauge.labels(key, shadow, "mean_diff").set(merged.mean)
+            if test is not None:
+                gauge.labels(key, shadow, "t").set(test.t)
+                gauge.labels(key, shadow, "p").set(test.p)
+
+    async def flush_guards(self) -> None:
         for flag in list(self._router()):
             guard = flag.guard
             if guard is None or flag.canary is None:
