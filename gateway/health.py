@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,7 +27,13 @@ def health_routes(gateway: Gateway) -> list[Route]:
     async def metrics(request: Request) -> Response:
         if gateway.last_sync:
             gateway.metrics.flag_store_sync_age.set(time.time() - gateway.last_sync)
-        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)
+
+    exposed = gateway.registry
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several workers: sum (or max/min) every worker's values from the shared directory.
+        exposed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(exposed)
 
     return [
         Route("/healthz", healthz),

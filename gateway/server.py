@@ -43,11 +43,19 @@ def _config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
     )
 
 
-async def serve_gateway(gateway: Gateway) -> None:
+async def serve_gateway(gateway: Gateway, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT. With `reuse_port`, bind with SO_REUSEPORT so that several
+    worker processes share the ports (`gateway serve --workers N`)."""
     s = gateway.settings
     grace = s.shutdown_grace_s
     data = _Server(_config(gateway.data_app, s.listen.host, s.listen.port, grace))
     admin = _Server(_config(gateway.admin_app, s.admin.host, s.admin.port, grace))
+    data_sockets = admin_sockets = None
+    if reuse_port:
+        from gateway.workers import reuse_port_socket
+
+        data_sockets = [reuse_port_socket(s.listen.host, s.listen.port)]
+        admin_sockets = [reuse_port_socket(s.admin.host, s.admin.port)]
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -56,10 +64,10 @@ async def serve_gateway(gateway: Gateway) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     async with gateway.running():
-        await asyncio.gather(data.serve(), admin.serve())
+        await asyncio.gather(data.serve(data_sockets), admin.serve(admin_sockets))
 
 
-def run(gateway: Gateway) -> None:
+def run(gateway: Gateway, *, reuse_port: bool = False) -> None:
     import uvloop
 
-    uvloop.run(serve_gateway(gateway))
+    uvloop.run(serve_gateway(gateway, reuse_port=reuse_port))

@@ -175,8 +175,11 @@ def gateway_server(spawn: Callable[..., Server], tmp_path: Path) -> Callable[...
             flags_file = tmp_path / f"flags-{n}.yaml"
             flags_file.write_text(yaml.safe_dump(flags))
             argv_extra += ["--flags", str(flags_file)]
+        settings = dict(settings or {})
+        if flags is None:  # no flags file at all (not even config/flags.yaml from the cwd)
+            settings["store"] = {**settings.get("store", {}), "flags_file": None}
         settings_file = tmp_path / f"gateway-{n}.yaml"
-        settings_file.write_text(yaml.safe_dump(settings or {}))
+        settings_file.write_text(yaml.safe_dump(settings))
         admin = admin_port or free_port()
         server = spawn(
             lambda p: [

@@ -50,13 +50,16 @@ def serve(
     config_path = config if config is not None else _default_config()
     try:
         settings = load_settings(config_path, overrides=overrides)
-        configure_pair_log(settings.shadow.pair_log)
-        gateway = create_app(settings)
     except InvalidDocument as exc:
         for err in exc.errors:
             typer.echo(str(err), err=True)
         raise typer.Exit(1) from exc
-    run(gateway)
+    if settings.workers > 1:
+        from gateway.workers import supervise
+
+        raise typer.Exit(supervise(settings))
+    configure_pair_log(settings.shadow.pair_log)
+    run(create_app(settings))
 
 
 def _default_config() -> Path | None:
