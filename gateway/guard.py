@@ -186,11 +186,11 @@ class CanaryGuard:
         self._judge()
 
     def _judge(self) -> None:
-        if self.tripped:
-            return
         bounds = self.bounds
         n, k = self.global_n + self.pending_n, self.global_k + self.pending_k
         self.llr = llr = bounds.llr(n, k)
+        if self.tripped:
+            return  # decided; canary answers still in flight are counted, not judged again
         if llr >= bounds.A:
             self.decision = Decision.REJECT
             self.tripped = True

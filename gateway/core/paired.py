@@ -19,9 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
-from scipy.special import stdtr, stdtrit
-from scipy.stats import wilcoxon
-
 MIN_WILCOXON_PAIRS = 10
 """Fewer nonzero differences than this give no signed-rank result: the test has no power."""
 
@@ -113,7 +110,10 @@ def paired_ttest(stats: RunningStats) -> PairedTest | None:
     sd = math.sqrt(variance)
     se = sd / math.sqrt(stats.n)
     t = stats.mean / se
-    # The same special functions scipy.stats.t uses, without its per-call overhead.
+    # The same special functions scipy.stats.t uses, without its per-call overhead; imported
+    # here because scipy costs a second at start-up and most processes never test anything.
+    from scipy.special import stdtr, stdtrit
+
     p = 2.0 * float(stdtr(df, -abs(t)))
     half_width = float(stdtrit(df, 0.975)) * se
     ci95 = (stats.mean - half_width, stats.mean + half_width)
@@ -180,5 +180,7 @@ def wilcoxon_test(diffs: Sequence[float]) -> WilcoxonResult | None:
         return None
     ties_or_zeros = nonzero < len(diffs) or len({abs(d) for d in diffs}) < len(diffs)
     method = "exact" if len(diffs) <= 50 and not ties_or_zeros else "asymptotic"
+    from scipy.stats import wilcoxon  # scipy.stats costs ~1.5 s to import: only when asked
+
     result = wilcoxon(diffs, alternative="two-sided", method=method)
     return WilcoxonResult(float(result.statistic), float(result.pvalue), nonzero)

@@ -18,9 +18,6 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from scipy.optimize import brentq
-from scipy.stats import norm
-
 E0_FLOOR = 0.001
 """Relative mode never tests against an error rate below this (a perfect stable gives e0 = 0)."""
 
@@ -169,6 +166,8 @@ def fixed_sample_size(e0: float, e1: float, alpha: float, beta: float) -> int:
     n = ((z_{1-alpha} sqrt(e0(1-e0)) + z_{1-beta} sqrt(e1(1-e1))) / (e1 - e0))^2, rounded up.
     """
     SprtBounds(e0=e0, e1=e1, alpha=alpha, beta=beta)  # the same validation, same messages
+    from scipy.stats import norm  # heavy to import; these figures are for docs and tests
+
     z_alpha = float(norm.ppf(1 - alpha))
     z_beta = float(norm.ppf(1 - beta))
     spread = z_alpha * math.sqrt(e0 * (1 - e0)) + z_beta * math.sqrt(e1 * (1 - e1))
@@ -210,6 +209,8 @@ def _wald_h(e: float, up: float, down: float) -> float:
     while g(far) < 0:
         far *= 2
     lo, hi = sorted((h_min, far))
+    from scipy.optimize import brentq
+
     return float(brentq(g, lo, hi, xtol=1e-14, rtol=1e-14))
 
 
