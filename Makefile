@@ -16,6 +16,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy --strict gateway/core
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/kubernetes-validate --strict --kubernetes-version 1.30.0 --quiet deploy/k8s/*.yaml deploy/k8s/monitoring/*.yaml
 
 test: lint
 	$(BIN)/pytest
