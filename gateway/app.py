@@ -55,7 +55,6 @@ class Gateway:
         self.ready = False
         self.last_sync = 0.0
         self.mirror = Mirror(
-            self.metrics,
             max_in_flight=settings.shadow.max_in_flight,
             mirror_max_body_bytes=settings.upstream.mirror_max_body_bytes,
             wait_for_primary_s=settings.upstream.read_timeout_s + 5.0,

@@ -25,6 +25,8 @@ def health_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
+        if gateway.store.kind == "memory":
+            gateway.last_sync = time.time()  # the embedded store is the snapshot: never stale
         if gateway.last_sync:
             gateway.metrics.flag_store_sync_age.set(time.time() - gateway.last_sync)
         return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)

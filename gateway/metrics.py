@@ -17,6 +17,9 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 ROLLOUT_STATES = ("running", "paused", "rolled_back", "promoted")
+ROLLBACK_REASONS = ("sprt", "operator")
+SHADOW_OUTCOMES = ("ok", "error", "dropped")
+UPSTREAM_ERROR_KINDS = ("connect_error", "timeout", "status_5xx")
 
 
 class Metrics:
@@ -110,6 +113,12 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+    def prepare_flag(self, flag: str, *, has_canary: bool) -> None:
+        """Create a flag's event counters at 0 (see VariantMeters)."""
+        if has_canary:
+            for reason in ROLLBACK_REASONS:
+                self.rollbacks.labels(flag, reason)
+
     def set_rollout_state(self, flag: str, state: str) -> None:
         for candidate in ROLLOUT_STATES:
             self.rollout_state.labels(flag, candidate).set(1.0 if candidate == state else 0.0)
@@ -128,15 +137,26 @@ def _remove(metric: Gauge, *labels: str) -> None:
 
 
 class VariantMeters:
-    """The bound children one (flag, variant) pair updates on every request."""
+    """The bound children one (flag, variant) pair updates on every request.
 
-    __slots__ = ("_codes", "_flag", "_metrics", "_variant", "duration", "errors")
+    Series that a dashboard takes `increase()` of are created at 0 when the flag is compiled,
+    so their first event counts: Prometheus cannot see a counter's first increment otherwise.
+    """
 
-    def __init__(self, metrics: Metrics, flag: str, variant: str) -> None:
+    __slots__ = ("_codes", "_flag", "_metrics", "_variant", "duration", "errors", "outcomes")
+
+    def __init__(self, metrics: Metrics, flag: str, variant: str, *, shadow: bool = False) -> None:
         self._metrics, self._flag, self._variant = metrics, flag, variant
-        self.duration = metrics.duration.labels(flag, variant)
         self._codes: dict[int, Counter] = {}
         self.errors: dict[str, Counter] = {}
+        self.outcomes: dict[str, Counter] = {}
+        if shadow:  # a shadow answers no user: it has mirror outcomes, not request series
+            for outcome in SHADOW_OUTCOMES:
+                self.outcomes[outcome] = metrics.shadow_requests.labels(flag, variant, outcome)
+            return
+        self.duration = metrics.duration.labels(flag, variant)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.errors[kind] = metrics.upstream_errors.labels(flag, variant, kind)
 
     def count(self, status: int) -> None:
         child = self._codes.get(status)

@@ -74,7 +74,7 @@ def compile_flag(
             role=role,
             origin=origin,
             client=pool.client_for(origin),
-            meters=VariantMeters(metrics, flag.key, variant.name),
+            meters=VariantMeters(metrics, flag.key, variant.name, shadow=role == "shadow"),
             header_value=variant.name.encode(),
         )
 
@@ -83,6 +83,7 @@ def compile_flag(
         mirrored.sample, mirrored.metric = variant.sample, variant.metric
         return mirrored
 
+    metrics.prepare_flag(flag.key, has_canary=flag.canary is not None)
     stable = arm(flag.stable, "stable")
     canary = arm(flag.canary, "canary") if flag.canary else None
     arms = {stable.name: stable}

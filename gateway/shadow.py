@@ -27,7 +27,6 @@ import orjson
 
 from gateway.core.paired import Reservoir, RunningStats, paired_ttest, wilcoxon_test
 from gateway.errors import UpstreamError
-from gateway.metrics import Metrics
 from gateway.runtime import Arm, FlagRuntime
 from gateway.upstream import Body
 
@@ -153,14 +152,12 @@ class Mirror:
 
     def __init__(
         self,
-        metrics: Metrics,
         *,
         max_in_flight: int,
         mirror_max_body_bytes: int,
         wait_for_primary_s: float,
         seed: int | None = None,
     ) -> None:
-        self._metrics = metrics
         self._max_in_flight = max_in_flight
         self._limit = mirror_max_body_bytes
         self._wait = wait_for_primary_s
@@ -186,7 +183,7 @@ class Mirror:
             if self._rng.random() >= arm.sample:
                 continue
             if len(self.in_flight) >= self._max_in_flight:
-                self._metrics.shadow_requests.labels(flag.key, arm.name, "dropped").inc()
+                arm.meters.outcomes["dropped"].inc()
                 continue
             if pairing is None:
                 pairing = Pairing(flag.shadows_want_body, self._limit)
@@ -209,7 +206,7 @@ class Mirror:
     ) -> None:
         shadow = await self._call(arm, method, target, headers, body)
         outcome_label = "error" if shadow.failure or shadow.status >= 500 else "ok"
-        self._metrics.shadow_requests.labels(flag.key, arm.name, outcome_label).inc()
+        arm.meters.outcomes[outcome_label].inc()
         try:
             primary = await asyncio.wait_for(asyncio.shield(pairing.primary), self._wait)
         except TimeoutError:

@@ -17,7 +17,7 @@ app.add_typer(flags_app, name="flags")
 
 def _register() -> None:
     # Imported for their side effect of adding commands to `app` / `flags_app`.
-    from gateway.cli import demo, model_server, offline, online, serve  # noqa: F401
+    from gateway.cli import demo, model_server, offline, online, rollout, serve  # noqa: F401
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -258,3 +260,45 @@ def test_operator_rollback_and_restart(
             for i in range(60)
         }
         assert seen == {"v1", "v2"}
+
+
+def test_cli_rollout_verbs_drive_the_admin_api(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any]
+) -> None:
+    v1, v2 = model_server("v1"), model_server("v2")
+    gw = gateway_server(flag_doc(v1.url, v2.url, weight=0.5), env=TOKENS)
+    env = {**os.environ, "GATEWAY_ADMIN_URL": gw.admin_url, "GATEWAY_TOKEN": OPERATOR}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(GATEWAY_BIN), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    shown = cli("flags", "status", "sentiment")
+    assert shown.returncode == 0, shown.stderr
+    assert "sentiment: running, canary weight 50.00%" in shown.stdout
+    assert "guard: n=" in shown.stdout
+    assert cli("pause", "sentiment", "--reason", "dashboards").returncode == 0
+    assert json.loads(cli("flags", "status", "sentiment", "--json").stdout)["state"] == "paused"
+    again = cli("pause", "sentiment", "--reason", "twice")
+    assert again.returncode == 1 and "cannot pause" in again.stderr + again.stdout
+    assert cli("resume", "sentiment", "--reason", "ok").returncode == 0
+    rolled = cli("rollback", "sentiment", "--reason", "latency regression")
+    assert rolled.returncode == 0 and "rolled_back" in rolled.stdout
+    assert status(gw)["state"] == "rolled_back"
+    events = httpx.get(f"{gw.admin_url}/admin/audit", headers=AUTH).json()["events"]
+    assert (events[0]["action"], events[0]["actor"], events[0]["reason"]) == (
+        "rollback",
+        "ops",
+        "latency regression",
+    )
+    assert cli("restart", "sentiment").returncode == 0
+    assert cli("promote", "sentiment", "--reason", "looks good").returncode == 0
+    deadline = time.monotonic() + 10
+    while get_document(gw)["stable"]["name"] != "v2":
+        assert time.monotonic() < deadline, "promotion never rewrote the flag"
+        time.sleep(0.1)
+
+
+def get_document(gw: Any) -> dict[str, Any]:
+    return httpx.get(f"{gw.admin_url}/admin/flags/sentiment", headers=AUTH).json()["document"]
