@@ -9,7 +9,7 @@ given to `open()`; the Redis store also re-syncs on a timer so a lost message is
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -18,7 +18,7 @@ from gateway.core.paired import RunningStats
 from gateway.core.schedule import Rollout
 
 ChangeKind = Literal["flag", "rollout", "guard", "resync"]
-OnChange = Callable[[ChangeKind, str], Awaitable[None]]
+OnChange = Callable[[ChangeKind, str], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, slots=True)
