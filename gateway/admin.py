@@ -121,6 +121,11 @@ def guarded(auth: Authenticator, needs: Role, handler: Handler) -> Callable[...,
             return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
         try:
             return await handler(request, caller)
+        except StoreUnavailable as exc:
+            message = str(exc)
+            if request.method != "GET" and "nothing was written" not in message:
+                message += "; nothing was written: retry when the store is back"
+            return error_response(503, "store_unavailable", message)
         except GatewayError as exc:
             answer = answer_for(exc)
             if answer is None:
@@ -172,6 +177,14 @@ def _reason(text: object, path: str) -> str:
     if len(text) > MAX_REASON:
         raise InvalidDocument([FieldError(path, f"at most {MAX_REASON} characters")])
     return text
+
+
+def _only(request: Request, *names: str) -> None:
+    """A misspelt filter must not silently widen the answer: unknown parameters are refused."""
+    unknown = [name for name in request.query_params if name not in names]
+    if unknown:
+        message = f"unknown parameter: use {', '.join(names)}"
+        raise InvalidDocument([FieldError(f"query.{name}", message) for name in unknown])
 
 
 def _limit(request: Request) -> int:
@@ -311,6 +324,7 @@ class AdminApi:
         return Response(status_code=204)
 
     async def audit(self, request: Request, caller: Principal) -> Response:
+        _only(request, "flag", "limit")
         flag = request.query_params.get("flag") or None
         events = await self._gateway.store.audit(flag=flag, limit=_limit(request))
         return JSONResponse({"events": [_event(e) for e in events]})

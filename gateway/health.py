@@ -25,6 +25,7 @@ def health_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
+        gateway.metrics.flag_store_up.set(1 if gateway.store.healthy else 0)
         if gateway.store.kind == "memory":
             gateway.last_sync = time.time()  # the embedded store is the snapshot: never stale
         if gateway.last_sync:

@@ -11,9 +11,32 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from pydantic import BaseModel
+
+from gateway.core import flags as flag_models
+from gateway.core.durations import parse_duration, parse_rate
 from gateway.core.flags import KEY_PATTERN, Flag
 
 Json = dict[str, Any]
+
+# pydantic leaves `Field(ge=...)` on an annotated alias as its own keyword, which JSON Schema
+# ignores; these are the JSON Schema names of those bounds.
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+# pydantic describes what a duration or a rate is parsed into (a float); a stored document keeps
+# what the operator wrote ("1h30m", "0.1/h"), so both spellings are described.
+_SPELLINGS: dict[Any, tuple[Json, Json]] = {
+    parse_duration: (
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+\s*$"},
+    ),
+    parse_rate: (
+        {"type": "number", "exclusiveMinimum": 0},
+        {
+            "type": "string",
+            "pattern": r"^\s*[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?\s*/\s*(ms|s|m|h|d)\s*$",
+        },
+    ),
+}
 
 ERROR_STATUSES = {
     "400": "Bad request (a malformed header or query parameter).",
@@ -51,7 +74,9 @@ def _errors(*statuses: str) -> Json:
 def _flag_schemas() -> Json:
     """The flag document's schema and every schema it refers to, from the pydantic model."""
     flag = Flag.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
-    schemas: Json = flag.pop("$defs", {})
+    schemas: Json = {**flag.pop("$defs", {}), "Flag": flag}
+    _bounds(schemas)
+    _as_written(schemas)
     flag["properties"]["key"]["pattern"] = KEY_PATTERN
     flag["description"] = (
         "A flag document (DESIGN 2). Every field but key, route and stable has a default."
@@ -60,7 +85,37 @@ def _flag_schemas() -> Json:
     body["required"] = [name for name in body["required"] if name != "key"]
     body["title"] = "FlagInput"
     body["description"] = "A flag document as sent to PUT: `key` may be left out (it is the URL's)."
-    return {**schemas, "Flag": flag, "FlagInput": body}
+    return {**schemas, "FlagInput": body}
+
+
+def _bounds(node: object) -> None:
+    if isinstance(node, dict):
+        for short, name in _BOUNDS.items():
+            if short in node and node.get("type") in ("number", "integer"):
+                node[name] = node.pop(short)
+        for child in node.values():
+            _bounds(child)
+    elif isinstance(node, list):
+        for child in node:
+            _bounds(child)
+
+
+def _as_written(schemas: Json) -> None:
+    """Durations and rates: a number, or the string an operator writes."""
+    for name, schema in schemas.items():
+        model = getattr(flag_models, name, None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for field_name, info in model.model_fields.items():
+            parsers = {getattr(m, "func", None) for m in info.metadata}
+            spelled = next((v for parser, v in _SPELLINGS.items() if parser in parsers), None)
+            prop = schema.get("properties", {}).get(info.alias or field_name)
+            if spelled is None or prop is None:
+                continue
+            number, text = spelled
+            bounds = {k: prop.pop(k) for k in list(prop) if k in _BOUNDS.values()}
+            prop.pop("type", None)
+            prop["anyOf"] = [{**number, **bounds}, text]
 
 
 def _schemas() -> Json:
@@ -218,6 +273,12 @@ def _status_schema() -> Json:
 
 def _components() -> Json:
     responses = {f"E{s}": _json(_ERROR_SCHEMA, text) for s, text in ERROR_STATUSES.items()}
+    if_match = {
+        "name": "If-Match",
+        "in": "header",
+        "description": 'The version the change is based on: `3` or `"3"` (the ETag).',
+        "schema": {"type": "string", "pattern": '^(\\d+|"\\d+")$'},
+    }
     return {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": _schemas(),
@@ -229,12 +290,8 @@ def _components() -> Json:
                 "required": True,
                 "schema": {"type": "string", "pattern": KEY_PATTERN},
             },
-            "IfMatch": {
-                "name": "If-Match",
-                "in": "header",
-                "description": 'The version the change is based on: `3` or `"3"` (the ETag).',
-                "schema": {"type": "string", "pattern": '^(\\d+|"\\d+")$'},
-            },
+            "IfMatch": if_match,
+            "IfMatchRequired": {**if_match, "required": True},
             "Reason": {
                 "name": "X-Gateway-Reason",
                 "in": "header",
@@ -281,10 +338,10 @@ def _flag_ops() -> Json:
         "delete": {
             "operationId": "deleteFlag",
             "summary": "Delete the flag at the version in If-Match.",
-            "parameters": [_param("IfMatch"), _param("Reason")],
+            "parameters": [_param("IfMatchRequired"), _param("Reason")],
             "responses": {
                 "204": {"description": "Deleted."},
-                **_errors("400", "404", "409", "428", "503"),
+                **_errors("400", "404", "409", "422", "428", "503"),
             },
         },
     }
@@ -339,7 +396,9 @@ def _paths() -> Json:
                 "operationId": "assign",
                 "summary": "Which variant a unit gets now on this replica, and why.",
                 "parameters": [
-                    _query("flag", {"type": "string"}, "The flag's key.", required=True),
+                    _query(
+                        "flag", {"type": "string", "minLength": 1}, "The flag's key.", required=True
+                    ),
                     _query(
                         "unit",
                         {"type": "string"},

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -35,6 +36,9 @@ Send = Callable[[Message], Awaitable[None]]
 # Responses longer than this (or of unknown length) are watched for a client that goes away,
 # so a departed client stops the upstream transfer instead of draining it to the end.
 _WATCH_OVER_BYTES = 256 * 1024
+# httptools sets no limit on the request head, so the gateway refuses big ones itself (431)
+# rather than forward them: nginx allows 32 KiB by default, Node 16 KiB.
+MAX_HEADER_BYTES = 64 * 1024
 _JSON = (b"content-type", b"application/json")
 
 
@@ -162,6 +166,10 @@ class Proxy:
         request_id = _header(headers, b"x-request-id")
         if request_id is None or not _valid_request_id(request_id):
             request_id = f"{self._id_prefix}-{next(self._ids)}".encode()
+        refused = _head_problem(headers)
+        if refused is not None:
+            await _error(send, *refused, request_id)
+            return
         problem = _path_problem(scope)
         if problem is not None:
             await _error(send, 400, "bad_request", problem, request_id)
@@ -405,19 +413,39 @@ def _request_host(headers: list[tuple[bytes, bytes]]) -> str | None:
     return host.rsplit(":", 1)[0] if ":" in host else host
 
 
+def _head_problem(headers: list[tuple[bytes, bytes]]) -> tuple[int, str, str] | None:
+    """A request head too big to forward, or with two Host headers (which one routes?)."""
+    size, hosts = 0, 0
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+        hosts += name == b"host"
+    if size > MAX_HEADER_BYTES:
+        message = f"request headers over the limit of {MAX_HEADER_BYTES} bytes"
+        return 431, "headers_too_large", message
+    if hosts > 1:
+        return 400, "bad_request", "more than one Host header"
+    return None
+
+
 def _path_problem(scope: Scope) -> str | None:
     """Dot segments and encoded separators could make a route see one path and the
-    upstream another; such paths are refused rather than normalised."""
+    upstream another; such paths are refused rather than normalised. They are looked for
+    once more after a second decoding (`%252e`), for upstreams that decode twice."""
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    if not raw.startswith(b"/"):
+        return "the request target must be a path starting with '/'"
     if b"." not in raw and b"%" not in raw and b"\\" not in raw:
         return None
-    lowered = raw.lower()
-    if b"%2f" in lowered or b"%5c" in lowered or b"\\" in raw or b"%00" in lowered:
-        return "encoded slashes, backslashes and NUL are not allowed in the path"
-    decoded = scope["path"]
-    segments = decoded.split("/")
-    if ".." in segments or "." in segments:
-        return "dot segments (. and ..) are not allowed in the path"
+    decoded: str = scope["path"]
+    twice = unquote(decoded) if "%" in decoded else decoded
+    for form in (raw.decode("latin-1"), decoded):
+        lowered = form.lower()
+        if "%2f" in lowered or "%5c" in lowered or "\\" in form or "%00" in lowered:
+            return "encoded slashes, backslashes and NUL are not allowed in the path"
+    for form in (decoded, twice):
+        # `..;` is `..` to servlet containers (a `;` starts path parameters there).
+        if any(s.split(";", 1)[0] in (".", "..") for s in form.split("/")):
+            return "dot segments (. and ..) are not allowed in the path"
     return None
 
 

@@ -241,7 +241,7 @@ class Mirror:
         metric = arm.metric
         primary_value = metric_value(metric, primary)
         shadow_value = metric_value(metric, shadow, primary)
-        stats = self.stats.setdefault((flag.key, arm.name), ShadowStats(metric))
+        stats = self.stats_for(flag.key, arm)
         d = None
         if primary_value is not None and shadow_value is not None:
             d = shadow_value - primary_value
@@ -269,12 +269,14 @@ class Mirror:
         if len(stats.lines) < MAX_PENDING_LINES:
             stats.lines.append(line)
 
+    def stats_for(self, key: str, arm: Arm) -> ShadowStats:
+        stats = self.stats.get((key, arm.name))
+        if stats is None or stats.metric != arm.metric:
+            stats = self.stats[(key, arm.name)] = ShadowStats(arm.metric)
+        return stats
+
     def report(self, flag: FlagRuntime) -> list[dict[str, Any]]:
-        out = []
-        for arm in flag.shadows:
-            stats = self.stats.get((flag.key, arm.name)) or ShadowStats(arm.metric)
-            out.append(stats.report(arm.name))
-        return out
+        return [self.stats_for(flag.key, arm).report(arm.name) for arm in flag.shadows]
 
     async def drain(self, timeout_s: float) -> None:
         if self.in_flight:

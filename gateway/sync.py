@@ -20,7 +20,7 @@ from gateway.flagstore import FlagStore
 from gateway.guard import CanaryGuard
 from gateway.metrics import Metrics
 from gateway.runtime import Router
-from gateway.shadow import Mirror
+from gateway.shadow import Mirror, ShadowStats
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +49,28 @@ class CounterSync:
         await self.flush_shadows()
 
     async def flush_shadows(self) -> None:
-        for (key, shadow), stats in list(self._mirror.stats.items()):
-            pending, pairs = stats.take_pending()
-            if not pending.n and not pairs:
-                continue
-            try:
-                merged = await self._store.merge_shadow_stats(key, shadow, pending, pairs)
-            except StoreUnavailable:
-                stats.restore_pending(pending, pairs)
-                continue
-            except Exception:
-                stats.restore_pending(pending, pairs)
+        for flag in list(self._router()):
+            for arm in flag.shadows:
+                await self._flush_shadow(flag.key, arm.name, self._mirror.stats_for(flag.key, arm))
+
+    async def _flush_shadow(self, key: str, shadow: str, stats: ShadowStats) -> None:
+        # Sent even when empty: the answer brings the other replicas' pairs into view.
+        pending, pairs = stats.take_pending()
+        try:
+            merged = await self._store.merge_shadow_stats(key, shadow, pending, pairs)
+        except Exception as exc:
+            stats.restore_pending(pending, pairs)
+            if not isinstance(exc, StoreUnavailable):
                 log.exception("shadow flush failed for %s/%s", key, shadow)
-                continue
-            stats.merged = merged
-            test = paired_ttest(merged)
-            gauge = self._metrics.shadow_ttest
-            gauge.labels(key, shadow, "n").set(merged.n)
-            gauge.labels(key, shadow, "mean_diff").set(merged.mean)
-            if test is not None:
-                gauge.labels(key, shadow, "t").set(test.t)
-                gauge.labels(key, shadow, "p").set(test.p)
+            return
+        stats.merged = merged
+        gauge = self._metrics.shadow_ttest
+        gauge.labels(key, shadow, "n").set(merged.n)
+        gauge.labels(key, shadow, "mean_diff").set(merged.mean)
+        test = paired_ttest(merged)
+        if test is not None:
+            gauge.labels(key, shadow, "t").set(test.t)
+            gauge.labels(key, shadow, "p").set(test.p)
 
     async def flush_guards(self) -> None:
         for flag in list(self._router()):

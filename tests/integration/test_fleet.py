@@ -1,0 +1,333 @@
+"""Several gateway replicas on one real Redis: edits propagate, compare-and-set holds, a Redis
+outage costs no request, the guard stops a bad canary fleet-wide, state survives restarts, and
+shadow statistics merge across replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import flag_doc
+from scipy import stats
+
+OPERATOR = "ops-token-123456"
+TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR}"}
+AUTH = {"authorization": f"Bearer {OPERATOR}"}
+
+
+def redis_settings(url: str, prefix: str, **store: Any) -> dict[str, Any]:
+    return {"store": {"kind": "redis", "url": url, "prefix": prefix, **store}}
+
+
+def put_flag(admin_url: str, document: dict[str, Any], version: int | None) -> httpx.Response:
+    headers = dict(AUTH)
+    if version is not None:
+        headers["if-match"] = str(version)
+    return httpx.put(f"{admin_url}/admin/flags/{document['key']}", json=document, headers=headers)
+
+
+def get_flag(admin_url: str, key: str = "sentiment") -> dict[str, Any]:
+    r = httpx.get(f"{admin_url}/admin/flags/{key}", headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def status(gw: Any, key: str = "sentiment") -> dict[str, Any]:
+    r = httpx.get(f"{gw.admin_url}/admin/flags/{key}/status", headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_edits_propagate_to_every_replica(
+    redis_url: str,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+) -> None:
+    a, b = model_server("a"), model_server("b")
+    settings = redis_settings(redis_url, scratch_redis_prefix)
+    doc = flag_doc(a.url, None)
+    first = gateway_server(doc, settings=settings, env=TOKENS)
+    replicas = [first] + [gateway_server(settings=settings, env=TOKENS) for _ in range(2)]
+    flag = doc["flags"][0]
+    delays: list[float] = []
+    clients = [httpx.Client(base_url=gw.url) for gw in replicas]
+    try:
+        for edit in range(50):
+            name, url = ("b", b.url) if edit % 2 == 0 else ("a", a.url)
+            version = get_flag(first.admin_url)["version"]
+            flag["stable"] = {"name": name, "upstream": url}
+            writer = replicas[edit % 3]
+            r = put_flag(writer.admin_url, flag, version)
+            assert r.status_code == 200, r.text
+            acknowledged = time.monotonic()
+            for client in clients:
+                while client.get("/v1/sentiment").headers["x-gateway-variant"] != name:
+                    assert time.monotonic() - acknowledged < 2.0, "edit not served within 2 s"
+                delays.append(time.monotonic() - acknowledged)
+    finally:
+        for client in clients:
+            client.close()
+    delays.sort()
+    p50, p99 = statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+    print(
+        f"propagation over {len(delays)} replica-edits: p50 {p50 * 1000:.1f} ms, "
+        f"p99 {p99 * 1000:.1f} ms, max {delays[-1] * 1000:.1f} ms"
+    )
+    assert len(delays) == 150
+
+
+def test_concurrent_puts_with_one_version_let_exactly_one_win(
+    redis_url: str,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+) -> None:
+    a = model_server("a")
+    settings = redis_settings(redis_url, scratch_redis_prefix)
+    replicas = [gateway_server(flag_doc(a.url, None), settings=settings, env=TOKENS)]
+    replicas.append(gateway_server(settings=settings, env=TOKENS))
+    base = get_flag(replicas[0].admin_url)
+    version = base["version"]
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            requests = []
+            for i in range(20):
+                document = {**base["document"], "salt": f"writer-{i}"}
+                url = f"{replicas[i % 2].admin_url}/admin/flags/sentiment"
+                requests.append(
+                    client.put(url, json=document, headers={**AUTH, "if-match": str(version)})
+                )
+            return await asyncio.gather(*requests)
+
+    answers = asyncio.run(race())
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] + [409] * 19, codes
+    winner = next(r for r in answers if r.status_code == 200).json()
+    stored = get_flag(replicas[1].admin_url)
+    assert stored["version"] == version + 1
+    assert stored["document"]["salt"] == winner["document"]["salt"]
+    events = httpx.get(
+        f"{replicas[0].admin_url}/admin/audit", params={"flag": "sentiment"}, headers=AUTH
+    ).json()["events"]
+    assert [e["version_after"] for e in events].count(version + 1) == 1
+
+
+def test_redis_outage_costs_no_request_and_refuses_writes(
+    restartable_redis: Any,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+) -> None:
+    a, b = model_server("a"), model_server("b")
+    settings = redis_settings(restartable_redis.url, scratch_redis_prefix, resync_interval_s=0.5)
+    doc = flag_doc(a.url, b.url, weight=0.2)
+    gw = gateway_server(doc, settings=settings, env=TOKENS)
+    failures: list[int] = []
+    served = 0
+    stop = threading.Event()
+
+    def traffic() -> None:
+        nonlocal served
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            while not stop.is_set() or served < 2000:
+                r = client.post("/v1/sentiment", content=b"{}", headers={"x-user-id": f"u{served}"})
+                served += 1
+                if r.status_code != 200:
+                    failures.append(r.status_code)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        restartable_redis.stop()
+        time.sleep(1.0)
+        version = 1
+        r = put_flag(gw.admin_url, doc["flags"][0], version)
+        assert r.status_code == 503, r.text
+        assert "nothing was written" in r.json()["message"]
+        metrics = httpx.get(f"{gw.admin_url}/metrics").text
+        assert "gateway_flag_store_up 0.0" in metrics
+        restartable_redis.start()
+        deadline = time.monotonic() + 10
+        while "gateway_flag_store_up 1.0" not in httpx.get(f"{gw.admin_url}/metrics").text:
+            assert time.monotonic() < deadline, "the gateway never saw Redis come back"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join()
+    assert served >= 2000
+    assert failures == []
+    edited = {**doc["flags"][0], "salt": "after-the-outage"}
+    r = put_flag(gw.admin_url, edited, get_flag(gw.admin_url)["version"])
+    assert r.status_code == 200, r.text
+
+
+def test_missed_change_message_is_repaired_by_the_timed_resync(
+    redis_url: str,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+) -> None:
+    a, b = model_server("a"), model_server("b")
+    settings = redis_settings(redis_url, scratch_redis_prefix, resync_interval_s=0.5)
+    doc = flag_doc(a.url, None)
+    gw = gateway_server(doc, settings=settings, env=TOKENS)
+    stored = get_flag(gw.admin_url)
+    # Write the next version the way the store does, but publish nothing.
+    document = {**stored["document"], "stable": {"name": "b", "upstream": b.url}}
+    raw = redis.Redis.from_url(redis_url)
+    raw.hset(
+        f"{{{scratch_redis_prefix}}}:flag:sentiment",
+        mapping={"doc": json.dumps(document), "version": stored["version"] + 1},
+    )
+    deadline = time.monotonic() + 5
+    with httpx.Client(base_url=gw.url) as client:
+        while client.get("/v1/sentiment").headers["x-gateway-variant"] != "b":
+            assert time.monotonic() < deadline, "the resync never repaired the missed change"
+            time.sleep(0.05)
+
+
+def test_bad_canary_stops_on_every_replica_within_100_ms(
+    redis_url: str,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    stable = model_server("v1")
+    log = tmp_path / "canary.jsonl"
+    canary = model_server("v2", error_rate=0.3, seed=3, access_log=log)
+    settings = redis_settings(redis_url, scratch_redis_prefix)
+    doc = flag_doc(stable.url, canary.url, weight=0.5)
+    replicas = [gateway_server(doc, settings=settings, env=TOKENS)]
+    replicas += [gateway_server(settings=settings, env=TOKENS) for _ in range(2)]
+
+    async def traffic() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def worker(r: int, w: int) -> None:
+                for i in range(400):
+                    url = f"{replicas[r].url}/v1/sentiment/replica-{r}"
+                    await client.post(url, content=b"{}", headers={"x-user-id": f"{r}-{w}-{i}"})
+
+            await asyncio.gather(*(worker(r, w) for r in range(3) for w in range(4)))
+
+    asyncio.run(traffic())
+    s = status(replicas[0])
+    assert s["state"] == "rolled_back" and s["reason"] == "sprt", s
+    events = httpx.get(
+        f"{replicas[0].admin_url}/admin/audit", params={"flag": "sentiment"}, headers=AUTH
+    ).json()["events"]
+    rollbacks = [e for e in events if e["action"] == "rollback"]
+    assert len(rollbacks) == 1, rollbacks
+    decided = rollbacks[0]["ts"]
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    worst = 0.0
+    for r in range(3):
+        times = [x["ts"] for x in lines if x.get("path", "").endswith(f"replica-{r}")]
+        assert times, f"replica {r} never sent the canary anything"
+        worst = max(worst, max(times) - decided)
+    print(f"last canary request after the rollback decision, worst replica: {worst * 1000:.1f} ms")
+    assert worst <= 0.100
+    for gw in replicas:
+        assert status(gw)["state"] == "rolled_back"
+
+
+def test_rollout_survives_a_gateway_restart(
+    redis_url: str,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+) -> None:
+    v1, v2 = model_server("v1"), model_server("v2")
+    settings = redis_settings(redis_url, scratch_redis_prefix)
+    steps = [{"weight": 0.1, "hold": "1s"}, {"weight": 0.5, "hold": "1h"}]
+    doc = flag_doc(
+        v1.url, v2.url, schedule={"kind": "step", "steps": steps}, advance_requires_evidence=False
+    )
+    gw = gateway_server(doc, settings=settings, env=TOKENS)
+    deadline = time.monotonic() + 10
+    while status(gw)["step"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    started_at = status(gw)["started_at"]
+    gw.server.process.terminate()
+    assert gw.server.process.wait(timeout=15) == 0
+    again = gateway_server(doc, settings=settings, env=TOKENS)
+    s = status(again)
+    assert (s["state"], s["step"], s["weight"], s["started_at"]) == ("running", 1, 0.5, started_at)
+    r = httpx.post(
+        f"{again.admin_url}/admin/flags/sentiment/rollback",
+        headers=AUTH,
+        json={"reason": "restart test"},
+    )
+    assert r.status_code == 200
+    again.server.process.terminate()
+    assert again.server.process.wait(timeout=15) == 0
+    third = gateway_server(doc, settings=settings, env=TOKENS)
+    s = status(third)
+    assert s["state"] == "rolled_back" and s["weight"] == 0.0
+    with httpx.Client(base_url=third.url) as client:
+        variants = {
+            client.get("/v1/sentiment", headers={"x-user-id": f"u{i}"}).headers["x-gateway-variant"]
+            for i in range(50)
+        }
+    assert variants == {"v1"}
+
+
+def test_shadow_statistics_merge_across_replicas(
+    redis_url: str,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    primary = model_server("v1", seed=5)
+    shadow = model_server("v3", seed=6, score_offset=0.05)
+    doc = flag_doc(primary.url, None)
+    doc["flags"][0]["shadows"] = [
+        {"name": "v3", "upstream": shadow.url, "sample": 1.0, "metric": "json:/score"}
+    ]
+    logs = [tmp_path / "pairs-0.jsonl", tmp_path / "pairs-1.jsonl"]
+    replicas = [
+        gateway_server(
+            doc if i == 0 else None,
+            settings={
+                **redis_settings(redis_url, scratch_redis_prefix),
+                "shadow": {"pair_log": str(logs[i])},
+            },
+            env=TOKENS,
+        )
+        for i in range(2)
+    ]
+    with httpx.Client() as client:
+        for i in range(300):
+            gw = replicas[i % 2]
+            r = client.post(f"{gw.url}/v1/sentiment", content=f'{{"i": {i}}}'.encode())
+            assert r.status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        pairs = [json.loads(x) for path in logs for x in path.read_text().splitlines() if x]
+        merged = [status(gw)["shadows"][0] for gw in replicas]
+        if len(pairs) == 300 and all(m["n"] == 300 for m in merged):
+            break
+        assert time.monotonic() < deadline, (len(pairs), [m["n"] for m in merged])
+        time.sleep(0.1)
+    oracle = stats.ttest_rel(
+        [p["shadow_value"] for p in pairs], [p["primary_value"] for p in pairs]
+    )
+    for m in merged:
+        assert m["t"] == pytest.approx(float(oracle.statistic), rel=1e-9)
+        assert m["p"] == pytest.approx(float(oracle.pvalue), rel=1e-6, abs=1e-300)
+        assert m["mean_diff"] == pytest.approx(statistics.fmean(p["d"] for p in pairs), rel=1e-9)
