@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint fmt demo bench clean
+.PHONY: test lint fmt demo bench clean readme
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+README_PARTS := intro quickstart design operators sre guard security bench development
+
+readme:
+	for part in $(README_PARTS); do \
+		f=docs/readme/$$part.md; if [ -f $$f ]; then cat $$f; echo; fi; \
+	done > README.md
