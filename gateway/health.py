@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import TYPE_CHECKING
@@ -21,7 +22,14 @@ def health_routes(gateway: Gateway) -> list[Route]:
 
     async def readyz(request: Request) -> Response:
         ready = gateway.ready and gateway.pool is not None
-        body = {"ready": ready, "flags": len(gateway.router)}
+        body = {
+            "ready": ready,
+            "flags": len(gateway.router),
+            "store_up": gateway.store.healthy,
+            "in_flight": gateway.proxy.in_flight,
+            "mirrors_in_flight": len(gateway.mirror.in_flight),
+            "tasks": len(asyncio.all_tasks()),  # for leak checks: back to baseline when idle
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
