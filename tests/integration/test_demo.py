@@ -62,7 +62,7 @@ def test_demo_rolls_the_degraded_canary_back_and_its_counts_agree() -> None:
     # The rollback: by the guard's SPRT, once, after the degradation, with llr past A.
     rb, canary = r["rollback"], r["canary"]
     assert rb["happened"] and rb["reason"] == "sprt" and rb["actor"] == "guard"
-    assert m["gateway_rollbacks_total"] == {"sprt": 1.0}
+    assert m["gateway_rollbacks_total"] == {"operator": 0.0, "sprt": 1.0}
     assert rb["at_s"] >= canary["degraded_at_s"]
     assert canary["first_error_at_s"] is not None
     assert canary["degraded_at_s"] <= canary["first_error_at_s"] <= rb["at_s"]
