@@ -24,7 +24,15 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"host", b"x-request-id"}
+# X-Forwarded-Proto and -Host describe the gateway's own client connection: the gateway sets
+# them, never passes on what a client claims (X-Forwarded-For is appended to instead).
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"host",
+    b"x-request-id",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
 # The body is relayed byte for byte (no decompression), so the upstream's Content-Length holds.
 _RESPONSE_DROP = HOP_BY_HOP | {b"x-gateway-variant", b"x-request-id"}
 

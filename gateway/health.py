@@ -29,6 +29,7 @@ def health_routes(gateway: Gateway) -> list[Route]:
             "in_flight": gateway.proxy.in_flight,
             "mirrors_in_flight": len(gateway.mirror.in_flight),
             "tasks": len(asyncio.all_tasks()),  # for leak checks: back to baseline when idle
+            "pid": os.getpid(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -242,7 +242,9 @@ class Proxy:
             if fallback_from is None and _falls_back(x.flag, arm, x.body):
                 await self._attempt(x, x.flag.stable, fallback_from=arm)
                 return
-            await _error(x.send, status, exc.kind, str(exc), x.request_id, x.extra(arm))
+            await _error(
+                x.send, status, exc.kind, _upstream_failed(arm, exc), x.request_id, x.extra(arm)
+            )
             return
         if response.status >= 500 and fallback_from is None and _falls_back(x.flag, arm, x.body):
             await response.aclose()
@@ -383,6 +385,14 @@ async def _relay(
     finally:
         if watch is not None:
             watch.cancel()
+
+
+def _upstream_failed(arm: Arm, exc: UpstreamError) -> str:
+    """What the client is told: which variant failed and how, never the upstream's address."""
+    log.debug("variant %s: %s", arm.name, exc)
+    if isinstance(exc, UpstreamTimeout):
+        return f"the model server for variant {arm.name} did not answer in time"
+    return f"the model server for variant {arm.name} refused the connection or failed"
 
 
 def _falls_back(flag: FlagRuntime, arm: Arm, body: object) -> bool:

@@ -12,8 +12,29 @@ import signal
 from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import Gateway
+
+
+class _HeadOnlyProtocol(HttpToolsProtocol):
+    """httptools hands chunked trailer fields to `on_header` too, and uvicorn appends them to
+    the request's headers, where nothing can tell them apart: a client could smuggle a unit id
+    or a rule's header past an edge that strips or signs them. Only the head's fields count."""
+
+    _in_head = True
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
 
 
 class _Server(uvicorn.Server):
@@ -31,7 +52,7 @@ def _config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
         port=port,
         lifespan="off",
         loop="none",
-        http="httptools",
+        http=_HeadOnlyProtocol,
         access_log=False,
         # The gateway appends the peer's address to X-Forwarded-For itself; uvicorn must not
         # replace the peer with a client-supplied value first.

@@ -23,6 +23,10 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option("--host")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Data-plane port (8080).")] = None,
+    admin_host: Annotated[
+        str | None,
+        typer.Option("--admin-host", help="Admin API address; keep it off public networks."),
+    ] = None,
     admin_port: Annotated[
         int | None, typer.Option("--admin-port", help="Admin API and /metrics port (9090).")
     ] = None,
@@ -42,6 +46,7 @@ def serve(
         "store.flags_file": str(flags) if flags else None,
         "listen.host": host,
         "listen.port": port,
+        "admin.host": admin_host,
         "admin.port": admin_port,
         "workers": workers,
     }

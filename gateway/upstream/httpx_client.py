@@ -50,6 +50,9 @@ class HttpxClient:
             follow_redirects=False,
             trust_env=False,
         )
+        # The client's own headers are forwarded; httpx's defaults (User-Agent, Accept-Encoding:
+        # gzip while bodies are relayed undecoded, ...) must not be invented on its behalf.
+        self._client.headers.clear()
 
     async def send(
         self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
