@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -338,3 +339,44 @@ def test_shadow_statistics_merge_across_replicas(
         assert m["t"] == pytest.approx(float(oracle.statistic), rel=1e-9)
         assert m["p"] == pytest.approx(float(oracle.pvalue), rel=1e-6, abs=1e-300)
         assert m["mean_diff"] == pytest.approx(statistics.fmean(p["d"] for p in pairs), rel=1e-9)
+
+
+def test_workers_share_ports_and_metrics(
+    redis_url: str,
+    scratch_redis_prefix: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+) -> None:
+    a = model_server("a")
+    settings = redis_settings(redis_url, scratch_redis_prefix)
+    gw = gateway_server(
+        flag_doc(a.url, None), settings=settings, args=["--workers", "2"], env=TOKENS
+    )
+    pids = set()
+    with httpx.Client(base_url=gw.url) as client:
+        for i in range(200):
+            # A new connection each time, so the kernel spreads them over both workers.
+            r = client.get("/v1/sentiment", headers={"x-user-id": f"u{i}", "connection": "close"})
+            assert r.status_code == 200
+    deadline = time.monotonic() + 5
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids.add(httpx.get(f"{gw.admin_url}/readyz", headers={"connection": "close"}).json()["pid"])
+    assert len(pids) == 2, "both workers answer on the shared admin port"
+    metrics = httpx.get(f"{gw.admin_url}/metrics").text
+    line = 'gateway_requests_total{code="200",flag="sentiment",variant="v1"}'
+    total = sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line))
+    assert total == 200, "the scrape sums every worker's counts"
+
+
+def test_memory_store_refuses_several_workers(tmp_path: Path) -> None:
+    from conftest import GATEWAY_BIN
+
+    run = subprocess.run(
+        [str(GATEWAY_BIN), "serve", "--workers", "2", "--port", "0", "--admin-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    assert "need a shared flag store" in run.stderr and "--redis-url" in run.stderr
