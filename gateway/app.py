@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -93,6 +94,9 @@ class Gateway:
         await self.controller.tick()
         self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
         self._tasks.append(asyncio.create_task(self.counter_sync.run(), name="counter-sync"))
+        # scipy (for the shadow tests) takes a second or more to import: do it now, off the
+        # event loop, rather than on the first status or flush while requests wait.
+        self._tasks.append(asyncio.create_task(_preload_statistics(), name="preload"))
         self.metrics.flag_store_up.set(1)
         self.ready = True
 
@@ -101,9 +105,9 @@ class Gateway:
         self.ready = False
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: redis-py can swallow a cancellation, and shutdown must not hang on it.
+            await asyncio.wait(self._tasks, timeout=5)
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.controller.drain()
@@ -202,6 +206,10 @@ class _WithLifespan:
 
 def create_app(settings: Settings, **kwargs: Any) -> Gateway:
     return Gateway(settings, **kwargs)
+
+
+async def _preload_statistics() -> None:
+    await asyncio.to_thread(importlib.import_module, "scipy.stats")
 
 
 def _read_if_present(path: str) -> list[StoredFlag]:

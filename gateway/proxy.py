@@ -33,9 +33,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# Responses longer than this (or of unknown length) are watched for a client that goes away,
-# so a departed client stops the upstream transfer instead of draining it to the end.
-_WATCH_OVER_BYTES = 256 * 1024
 # httptools sets no limit on the request head, so the gateway refuses big ones itself (431)
 # rather than forward them: nginx allows 32 KiB by default, Node 16 KiB.
 MAX_HEADER_BYTES = 64 * 1024
@@ -59,8 +56,8 @@ class _Exchange:
     """One proxied request: what every attempt (primary, fallback) and the mirror share."""
 
     __slots__ = (
-        "assignment", "body", "flag", "headers", "method", "outcome", "pairing", "receive",
-        "request_id", "send", "target",
+        "assignment", "body", "client_gone", "finished", "flag", "headers", "method", "outcome",
+        "pairing", "receive", "request_id", "send", "target",
     )  # fmt: skip
 
     def __init__(
@@ -80,6 +77,8 @@ class _Exchange:
         self.headers = _forwarded_headers(scope, request_id)
         self.pairing: Pairing | None = None
         self.outcome: Outcome | None = None
+        self.client_gone = False
+        self.finished = False
 
     def extra(self, arm: Arm) -> list[tuple[bytes, bytes]]:
         return _variant_headers(arm, self.request_id, self.assignment)
@@ -222,9 +221,21 @@ class Proxy:
         x = _Exchange(scope, receive, send, flag, assignment, request_id, body)
         if flag.shadows and self.mirror is not None:
             x.pairing = self.mirror.begin(flag, x.method, x.target, x.headers, body)
+        # A client that leaves must stop its upstream request, whether we wait for the answer
+        # or relay it. Only receive() tells, so one watcher per exchange cancels this task
+        # when it says the client left. (A streamed request body reads receive() itself.)
+        watcher = None if isinstance(body, _StreamedBody) else _watch_client(x)
         try:
             await self._attempt(x, arm)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not x.client_gone or task is None:
+                raise
+            task.uncancel()  # ours, not a shutdown's: the request simply ends here
         finally:
+            x.finished = True
+            if watcher is not None:
+                watcher.cancel()
             if x.pairing is not None:
                 x.pairing.done(x.outcome)
 
@@ -263,10 +274,7 @@ class Proxy:
             out_headers = response_headers(response.headers)
             out_headers.extend(x.extra(arm))
             await x.send({"type": "http.response.start", "status": status, "headers": out_headers})
-            watcher = None
-            if not isinstance(x.body, _StreamedBody) and _long_response(out_headers):
-                watcher = asyncio.ensure_future(x.receive())
-            await _relay(response.chunks(), x.send, watcher, capture)
+            await _relay(response.chunks(), x.send, capture)
         except UpstreamError as exc:
             failure = exc.kind  # failed mid-stream: the status line is already sent
         finally:
@@ -361,30 +369,39 @@ class _StreamedBody:
                 return
 
 
-async def _relay(
-    chunks: AsyncIterator[bytes],
-    send: Send,
-    watch: asyncio.Future[Any] | None,
-    capture: _Capture | None = None,
-) -> None:
+async def _relay(chunks: AsyncIterator[bytes], send: Send, capture: _Capture | None = None) -> None:
     """Stream the upstream body to the client, one chunk behind so the last send ends it.
 
     `capture` keeps the first bytes of the body (up to its limit) for a shadow comparison.
     """
     pending: bytes | None = None
-    try:
-        async for chunk in chunks:
-            if capture is not None:
-                capture.append(chunk)
-            if pending is not None:
-                await send({"type": "http.response.body", "body": pending, "more_body": True})
-                if watch is not None and watch.done():
-                    return  # the client went away: stop reading the upstream
-            pending = chunk
-        await send({"type": "http.response.body", "body": pending or b"", "more_body": False})
-    finally:
-        if watch is not None:
-            watch.cancel()
+    async for chunk in chunks:
+        if capture is not None:
+            capture.append(chunk)
+        if pending is not None:
+            await send({"type": "http.response.body", "body": pending, "more_body": True})
+        pending = chunk
+    await send({"type": "http.response.body", "body": pending or b"", "more_body": False})
+
+
+def _watch_client(x: _Exchange) -> asyncio.Future[Message]:
+    """Cancel the exchange's task if the client disconnects before the exchange is over.
+
+    uvicorn's receive() also returns once the response is complete; `x.finished` tells the two
+    apart, and is set before the task could be cancelled for it.
+    """
+    task = asyncio.current_task()
+    watcher = asyncio.ensure_future(x.receive())
+
+    def on_message(done: asyncio.Future[Message]) -> None:
+        if x.finished or done.cancelled() or task is None:
+            return
+        if done.exception() is None and done.result().get("type") == "http.disconnect":
+            x.client_gone = True
+            task.cancel()
+
+    watcher.add_done_callback(on_message)
+    return watcher
 
 
 def _upstream_failed(arm: Arm, exc: UpstreamError) -> str:
@@ -493,11 +510,6 @@ def _variant_headers(
         cookie = f"{COOKIE_NAME}={assignment.issue_cookie}; Path=/; HttpOnly; SameSite=Lax"
         extra.append((b"set-cookie", cookie.encode("latin-1")))
     return extra
-
-
-def _long_response(headers: list[tuple[bytes, bytes]]) -> bool:
-    length = _header(headers, b"content-length")
-    return length is None or not length.isdigit() or int(length) > _WATCH_OVER_BYTES
 
 
 async def _error(
