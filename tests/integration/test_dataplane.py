@@ -269,7 +269,8 @@ def test_500_concurrent_requests_all_succeed(
 ) -> None:
     v1, v2 = model_server("v1"), model_server("v2")
     gw = gateway_server(
-        flag_doc(v1.url, v2.url, weight=0.25), settings={"upstream": {"client": client_kind, "connect_timeout_s": 10}}
+        flag_doc(v1.url, v2.url, weight=0.25),
+        settings={"upstream": {"client": client_kind, "connect_timeout_s": 10}},
     )
 
     async def burst() -> list[int]:
