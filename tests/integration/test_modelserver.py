@@ -2,85 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import httpx
 import numpy as np
 import orjson
 import pytest
+from conftest import Server, running
 
 from gateway.modelserver import CHUNK_BYTES, score_of
 
 GATEWAY = Path(sys.executable).with_name("gateway")
-
-
-# --- a real server on a free port (to move into tests/conftest.py when it lands) -------------
-
-
-@dataclass(frozen=True, slots=True)
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def free_port() -> int:
-    # The kernel picks a free port for us; it stays free long enough for the child to bind it.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running(
-    argv: Callable[[int], Sequence[str]], *, ready_path: str = "/", timeout_s: float = 10.0
-) -> Iterator[Server]:
-    """Start `argv(port)`, wait until it answers HTTP on `ready_path`, stop it at exit."""
-    port = free_port()
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(list(argv(port)), stdout=output, stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(process, f"http://127.0.0.1:{port}{ready_path}", output, timeout_s)
-            yield Server(process, port)
-        finally:
-            _stop(process)
-
-
-def _wait_ready(
-    process: subprocess.Popen[bytes], url: str, output: IO[bytes], deadline_s: float
-) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        with contextlib.suppress(httpx.TransportError):
-            httpx.get(url, timeout=1.0)
-            return
-        time.sleep(0.05)
-    output.seek(0)
-    log = output.read().decode(errors="replace")
-    pytest.fail(f"{process.args!r} did not answer on {url} (exit {process.poll()}):\n{log}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def model_server(*args: str) -> Callable[[int], list[str]]:
@@ -103,22 +39,26 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
 READY = "/_bytes/0"
 
 
+def ready(port: int) -> str:
+    return f"http://127.0.0.1:{port}{READY}"
+
+
 @pytest.fixture(scope="module")
 def primary() -> Iterator[Server]:
-    with running(model_server("--name", "v1", "--seed", "1"), ready_path=READY) as server:
+    with running(model_server("--name", "v1", "--seed", "1"), ready=ready) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def replica() -> Iterator[Server]:
-    with running(model_server("--name", "v1", "--seed", "1"), ready_path=READY) as server:
+    with running(model_server("--name", "v1", "--seed", "1"), ready=ready) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def shadow() -> Iterator[Server]:
     args = ("--name", "v3", "--seed", "2", "--score-offset", "0.1")
-    with running(model_server(*args), ready_path=READY) as server:
+    with running(model_server(*args), ready=ready) as server:
         yield server
 
 
@@ -130,7 +70,7 @@ def access_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def logged(access_log: Path) -> Iterator[Server]:
     args = ("--name", "logged", "--access-log", str(access_log))
-    with running(model_server(*args), ready_path=READY) as server:
+    with running(model_server(*args), ready=ready) as server:
         yield server
 
 
@@ -204,7 +144,7 @@ def test_shadow_with_offset_and_other_seed_differs_by_the_offset_with_known_spre
 
 def test_error_rate_half_fails_about_half_the_requests() -> None:
     args = ("--name", "flaky", "--seed", "7", "--error-rate", "0.5")
-    with running(model_server(*args), ready_path=READY) as server, httpx.Client() as client:
+    with running(model_server(*args), ready=ready) as server, httpx.Client() as client:
         responses = [client.post(f"{server.url}/v1/predict", content=b"x") for _ in range(400)]
 
     failed = [r for r in responses if r.status_code == 500]
