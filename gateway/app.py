@@ -77,6 +77,7 @@ class Gateway:
         self.data_app = _WithLifespan(self.proxy, self)
         self.admin_app = Starlette(routes=health_routes(self) + admin_routes(self))
         self._tasks: list[asyncio.Task[None]] = []
+        self._statistics_loading = False
 
     def new_guard(self, flag: Flag) -> CanaryGuard:
         return CanaryGuard(
@@ -94,9 +95,7 @@ class Gateway:
         await self.controller.tick()
         self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
         self._tasks.append(asyncio.create_task(self.counter_sync.run(), name="counter-sync"))
-        # scipy (for the shadow tests) takes a second or more to import: do it now, off the
-        # event loop, rather than on the first status or flush while requests wait.
-        self._tasks.append(asyncio.create_task(_preload_statistics(), name="preload"))
+
         self.metrics.flag_store_up.set(1)
         self.ready = True
 
@@ -169,6 +168,11 @@ class Gateway:
                 self.metrics.forget_flag(key, list(gone.arms))
         self.router = Router(flags)
         self.last_sync = time.time()
+        if not self._statistics_loading and any(f.shadows for f in flags):
+            # scipy (for the shadow tests) takes a second or more and ~50 MB to import: load it
+            # now, off the event loop, rather than on the first flush while requests wait.
+            self._statistics_loading = True
+            self._tasks.append(asyncio.create_task(_preload_statistics(), name="preload"))
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
