@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,11 @@ def foreign_share(before: Ticks, after: Ticks) -> float:
         return 0.0
     foreign = (after.busy - before.busy) - (after.ours - before.ours)
     return round(max(0.0, foreign / total), 3)
+
+
+def tree_seconds(pid: int) -> float:
+    """CPU seconds used so far by `pid` and its descendants (a proxy and its workers)."""
+    return _family_ticks(pid) / _TICKS_PER_S
 
 
 def busy_share(seconds: float = 1.0) -> float:

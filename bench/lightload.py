@@ -22,11 +22,14 @@ class Latency:
     errors: int
 
 
-def measure(port: int, *, path: str = "/", rate: float, seconds: float) -> Latency:
+def measure(port: int, *, path: str = "/", rate: float, seconds: float, users: int = 0) -> Latency:
+    """p50 and p99 of `rate * seconds` paced GETs; with `users`, each request carries
+    `x-user-id: user-<n>` for n = 1..users round robin (as bench/users.lua does for wrk)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+    heads = [{"x-user-id": f"user-{n}"} for n in range(1, users + 1)] or [{}]
     try:
-        _paced(conn, path, rate=rate, count=max(1, round(rate * 0.5)))  # warm the connection
-        samples, errors = _paced(conn, path, rate=rate, count=max(1, round(rate * seconds)))
+        _paced(conn, path, heads, rate=rate, count=max(1, round(rate * 0.5)))  # warm up
+        samples, errors = _paced(conn, path, heads, rate=rate, count=max(1, round(rate * seconds)))
     finally:
         conn.close()
     p50, p99 = np.percentile(np.array(samples) * 1000.0, [50, 99])
@@ -34,18 +37,23 @@ def measure(port: int, *, path: str = "/", rate: float, seconds: float) -> Laten
 
 
 def _paced(
-    conn: http.client.HTTPConnection, path: str, *, rate: float, count: int
+    conn: http.client.HTTPConnection,
+    path: str,
+    heads: list[dict[str, str]],
+    *,
+    rate: float,
+    count: int,
 ) -> tuple[list[float], int]:
     interval = 1.0 / rate
     samples: list[float] = []
     errors = 0
     due = time.perf_counter()
-    for _ in range(count):
+    for i in range(count):
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
         started = time.perf_counter()
-        conn.request("GET", path)
+        conn.request("GET", path, headers=heads[i % len(heads)])
         response = conn.getresponse()
         response.read()
         samples.append(time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""The bench's command line: which rows, how long, how hard."""
+"""The bench's command line: which rows, how long, how hard, how many passes."""
 
 from __future__ import annotations
 
@@ -16,10 +16,15 @@ class Options:
     seconds: float
     warmup: float
     connections: int
+    passes: int  # every row is measured once per pass; the report gives the median
     light_rows: frozenset[str]
     light_rate: float
     light_seconds: float
     json_path: Path | None
+    profile: Row | None  # profiled with py-spy in an extra run after the passes
+    profile_rate: int
+    profile_out: Path | None  # where py-spy's raw stacks are kept (else the temp dir)
+    profile_blocking: bool  # py-spy pauses the process per sample: whole stacks, more overhead
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -35,27 +40,47 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per row")
     parser.add_argument("--connections", type=int, default=32, help="wrk -c")
-    parser.add_argument("--light-rows", default="direct,bare,gateway", help="comma-separated")
+    parser.add_argument(
+        "--passes", type=int, default=3, help="measure every row this often; report the median"
+    )
+    parser.add_argument(
+        "--light-rows", default="direct,bare,gateway,gateway-all", help="comma-separated"
+    )
     parser.add_argument("--light-rate", type=float, default=100.0, help="req/s at light load")
     parser.add_argument("--light-seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path, dest="json_path", help="also save results here")
+    parser.add_argument(
+        "--profile", metavar="ROW", help="after the passes, profile this row under wrk (py-spy)"
+    )
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw stacks in this file")
+    parser.add_argument(
+        "--profile-blocking",
+        action="store_true",
+        help="let py-spy pause the process per sample (no stacks cut short; more overhead)",
+    )
     args = parser.parse_args(argv)
     wanted = _names(args.rows)
-    unknown = sorted(set(wanted) - set(names))
+    unknown = sorted(set(wanted + _names(args.profile or "")) - set(names))
     if unknown:
-        parser.error(f"--rows: unknown {unknown}; known: {names}")
-    if args.duration < 1 or args.warmup < 0 or args.light_rate <= 0:
-        parser.error("--duration must be >= 1 s, --warmup >= 0, --light-rate > 0")
+        parser.error(f"--rows/--profile: unknown {unknown}; known: {names}")
+    if args.duration < 1 or args.warmup < 0 or args.light_rate <= 0 or args.passes < 1:
+        parser.error("--duration must be >= 1 s, --warmup >= 0, --light-rate > 0, --passes >= 1")
     return Options(
         rows=tuple(row for name in wanted for row in ROWS if row.name == name),
         upstream=args.upstream,
         seconds=args.duration,
         warmup=args.warmup,
         connections=args.connections,
+        passes=args.passes,
         light_rows=frozenset(_names(args.light_rows)),
         light_rate=args.light_rate,
         light_seconds=args.light_seconds,
         json_path=args.json_path,
+        profile=next((row for row in ROWS if row.name == args.profile), None),
+        profile_rate=args.profile_rate,
+        profile_out=args.profile_out,
+        profile_blocking=args.profile_blocking,
     )
 
 

@@ -1,9 +1,9 @@
 """The rows of the bench, as declarative entries: a name, what it is, how to start it.
 
-A launcher gets a `Spot` (its port, the upstream's URL, a private directory for config files)
-and returns the command line; the runner starts it, waits for it and stops it. `launch=None`
-means wrk talks to the upstream itself. To add a row (gateway with every feature on, 2 workers,
-the httpx upstream client), append an entry here: `gateway_serve(workers=2)`,
+A launcher gets a `Spot` (its port, the upstreams' URLs, a Redis URL when the row asked for
+one, a private directory for config files) and returns the command line; the runner starts it,
+waits for it and stops it. `launch=None` means wrk talks to the upstream itself. To add a row,
+append an entry here: `gateway_serve(workers=2, features=True)`,
 `gateway_serve(settings={"upstream": {"client": "httpx"}})`, ...
 """
 
@@ -20,6 +20,11 @@ BENCH = Path(__file__).resolve().parent
 PYTHON = Path(sys.executable)
 GATEWAY = PYTHON.with_name("gateway")
 NGINX = Path("/usr/sbin/nginx")
+REDIS = Path("/usr/bin/redis-server")
+# Rows with `users=True` send `x-user-id: user-<n>` for n in 1..USERS, round robin (wrk through
+# bench/users.lua, the light load through lightload.py), so a canary gets its share of units.
+USERS = 1000
+USERS_SCRIPT = BENCH / "users.lua"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,9 @@ class Spot:
     port: int
     upstream: str  # http://127.0.0.1:PORT, or "" when starting the upstream itself
     workdir: Path
+    canary: str = ""  # a second upstream, same kind, for rows with a canary
+    shadow: str = ""  # a third one, for rows with a shadow
+    redis: str = ""  # redis://127.0.0.1:PORT/0 of the row's private Redis (`Row.redis`)
 
 
 Launcher = Callable[[Spot], list[str]]
@@ -38,10 +46,18 @@ class Row:
     what: str
     launch: Launcher | None
     needs: Callable[[], str | None] = lambda: None  # why the row cannot run here, or None
+    users: bool = False  # requests carry x-user-id (see USERS), so units split by weight
+    redis: bool = False  # a private redis-server is started for the row, stopped after it
+    workers: int = 1  # listening sockets to wait for before the warm-up (SO_REUSEPORT)
+    upstreams: tuple[str, ...] = ()  # extra upstreams the row forwards to: canary, shadow
 
 
 def _nginx_missing() -> str | None:
     return None if NGINX.exists() else f"{NGINX} not found (apt-get install nginx)"
+
+
+def _redis_missing() -> str | None:
+    return None if REDIS.exists() else f"{REDIS} not found (apt-get install redis-server)"
 
 
 # --- nginx -----------------------------------------------------------------------------------
@@ -89,7 +105,7 @@ def nginx_static(spot: Spot) -> list[str]:
         default_type application/json;
         location / {{ return 200 '{{"ok":true}}'; }}
     }}"""
-    return _nginx(spot.workdir / "nginx-upstream", server)
+    return _nginx(spot.workdir / f"nginx-upstream-{spot.port}", server)
 
 
 def nginx_proxy(spot: Spot) -> list[str]:
@@ -131,34 +147,87 @@ def model_server(spot: Spot) -> list[str]:
     return [str(GATEWAY), "model-server", "--port", str(spot.port), "--name", "upstream"]
 
 
+def redis_server(spot: Spot) -> list[str]:
+    """A private, memory-only Redis for the rows that need the shared store (workers > 1)."""
+    return [
+        str(REDIS),
+        "--port",
+        str(spot.port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(spot.workdir),
+    ]
+
+
+def bench_flag(spot: Spot, *, features: bool) -> dict[str, Any]:
+    """The one flag of a gateway row: stable only, or every feature on the request path.
+
+    With `features`: a canary at weight 0.5 (one step held for a day, so it neither advances
+    nor promotes during the bench), the default guard (SPRT on canary errors), metrics as
+    always, and a shadow on a third upstream sampling 10 % of requests. Units come from the
+    default `x-user-id` header, which the row's load sends (`Row(users=True)`).
+    """
+    flag: dict[str, Any] = {"key": "bench", "route": {"path_prefix": "/"}}
+    flag["stable"] = {"name": "v1", "upstream": spot.upstream}
+    if features:
+        flag["canary"] = {"name": "v2", "upstream": spot.canary}
+        flag["schedule"] = {"kind": "step", "steps": [{"weight": 0.5, "hold": "24h"}]}
+        flag["shadows"] = [
+            {"name": "v3", "upstream": spot.shadow, "sample": 0.1, "metric": "latency_ms"}
+        ]
+    return flag
+
+
 def gateway_serve(
-    *, workers: int | None = None, settings: Mapping[str, Any] | None = None
+    *,
+    workers: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+    features: bool = False,
 ) -> Launcher:
-    """`gateway serve` with one flag routing everything to the upstream as stable, no canary."""
+    """`gateway serve` with one flag routing everything to the upstream (see `bench_flag`).
+
+    A row with `redis=True` gets `--redis-url` (the flags file then seeds the Redis store).
+    """
 
     def launch(spot: Spot) -> list[str]:
         from processes import free_port  # only a gateway row needs a second port
 
-        workdir = spot.workdir / "gateway"
+        workdir = spot.workdir / f"gateway-{spot.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        flag = {"key": "bench", "route": {"path_prefix": "/"}}
-        flag["stable"] = {"name": "upstream", "upstream": spot.upstream}
         flags = workdir / "flags.json"  # JSON is YAML: the flags loader reads either
+        flag = bench_flag(spot, features=features)
         flags.write_text(json.dumps({"flags": [flag]}, indent=2))
         argv = [str(GATEWAY), "serve", "--flags", str(flags)]
         argv += ["--port", str(spot.port), "--admin-port", str(free_port())]
         if workers is not None:
             argv += ["--workers", str(workers)]
-        if settings:
-            config = workdir / "gateway.json"
-            config.write_text(json.dumps(settings, indent=2))
-            argv += ["--config", str(config)]
-        return argv
+        if spot.redis:
+            argv += ["--redis-url", spot.redis]
+        # Always a settings file, so the developer's config/gateway.yaml never leaks in.
+        config = workdir / "gateway.json"
+        config.write_text(json.dumps(_loopback(settings or {}), indent=2))
+        return [*argv, "--config", str(config)]
 
     return launch
 
 
+def _loopback(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` with both listeners on 127.0.0.1: the admin API has no tokens here."""
+    merged: dict[str, Any] = {"listen": {"host": "127.0.0.1"}, "admin": {"host": "127.0.0.1"}}
+    for key, value in settings.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, Mapping) else value
+    return merged
+
+
 # --- the tables ------------------------------------------------------------------------------
+
+_ALL = "gateway, canary 0.5 + guard + metrics + 10 % shadow"
+_EXTRA = ("canary", "shadow")
 
 ROWS: tuple[Row, ...] = (
     Row("direct", "wrk straight to the upstream", launch=None),
@@ -166,6 +235,37 @@ ROWS: tuple[Row, ...] = (
     Row("bare", "raw ASGI + aiohttp proxy (bench/bare_proxy.py)", python_proxy("bare_proxy.py")),
     Row("nginx", "nginx reverse proxy, keepalive upstream", nginx_proxy, _nginx_missing),
     Row("gateway", "gateway serve, one flag, stable only", gateway_serve()),
+    Row(
+        "gateway-all",
+        _ALL,
+        gateway_serve(features=True),
+        users=True,
+        upstreams=_EXTRA,
+    ),
+    Row(
+        "gateway-all-redis",
+        _ALL + ", Redis store",
+        gateway_serve(features=True),
+        _redis_missing,
+        users=True,
+        redis=True,
+        upstreams=_EXTRA,
+    ),
+    Row(
+        "gateway-all-2w",
+        _ALL + ", Redis store, --workers 2",
+        gateway_serve(workers=2, features=True),
+        _redis_missing,
+        users=True,
+        redis=True,
+        workers=2,
+        upstreams=_EXTRA,
+    ),
+    Row(
+        "gateway-httpx",
+        "gateway, one flag, upstream.client: httpx",
+        gateway_serve(settings={"upstream": {"client": "httpx"}}),
+    ),
 )
 
 # In order of preference: a Python upstream on 2 cores is itself a bottleneck.

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
 _PERCENTILE = re.compile(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", re.MULTILINE)
@@ -32,23 +33,54 @@ def find_wrk() -> str | None:
     return shutil.which("wrk")
 
 
-def command(url: str, *, threads: int, connections: int, seconds: float) -> list[str]:
-    return [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--latency",
-        url,
-    ]
+def command(
+    url: str, *, threads: int, connections: int, seconds: float, script: Path | None = None
+) -> list[str]:
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    return [*argv, "--latency", url]
 
 
-def run(url: str, *, threads: int, connections: int, seconds: float) -> Load:
-    argv = command(url, threads=threads, connections=connections, seconds=seconds)
+def run(
+    url: str, *, threads: int, connections: int, seconds: float, script: Path | None = None
+) -> Load:
+    argv = command(url, threads=threads, connections=connections, seconds=seconds, script=script)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
         raise WrkError(f"wrk exited with {done.returncode}: {done.stderr.strip()}")
     return parse(done.stdout)
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    process: subprocess.Popen[str]
+    seconds: float
+
+
+def start(
+    url: str, *, threads: int, connections: int, seconds: float, script: Path | None = None
+) -> Running:
+    """wrk in the background (to profile the server meanwhile); `finish` reads its report."""
+    argv = command(url, threads=threads, connections=connections, seconds=seconds, script=script)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Running(process, seconds)
+
+
+def stop(running: Running) -> None:
+    running.process.kill()
+    running.process.communicate()
+
+
+def finish(running: Running) -> Load:
+    try:
+        out, err = running.process.communicate(timeout=running.seconds + 60)
+    except subprocess.TimeoutExpired:
+        stop(running)
+        raise WrkError("wrk did not finish in time") from None
+    if running.process.returncode != 0:
+        raise WrkError(f"wrk exited with {running.process.returncode}: {err.strip()}")
+    return parse(out)
 
 
 def parse(report: str) -> Load:
