@@ -23,11 +23,11 @@ def parse_duration(value: object) -> float:
     """Seconds in `value`: a non-negative number of seconds or a string such as `1h30m`."""
     seconds = _seconds(value)
     if seconds is None:
-        raise ValueError(f"expected {_DURATION_HINT}, got {_brief(value)}")
+        raise ValueError(f"expected {_DURATION_HINT}, got {brief(value)}")
     if seconds < 0:
-        raise ValueError(f"must not be negative, got {_brief(value)}")
+        raise ValueError(f"must not be negative, got {brief(value)}")
     if not math.isfinite(seconds):
-        raise ValueError(f"must be a finite duration, got {_brief(value)}")
+        raise ValueError(f"must be a finite duration, got {brief(value)}")
     return seconds + 0.0  # turns -0.0 into 0.0
 
 
@@ -62,19 +62,19 @@ def _finite_or_inf(value: int | float) -> float:
 def parse_rate(value: object) -> float:
     """A rate per second from `0.1/h`, `2/m` or a bare number (per second); must be > 0."""
     if isinstance(value, bool):
-        raise ValueError(f"expected {_RATE_HINT}, got {_brief(value)}")
+        raise ValueError(f"expected {_RATE_HINT}, got {brief(value)}")
     if isinstance(value, int | float):
         rate = _finite_or_inf(value)
     elif isinstance(value, str) and (match := _RATE.fullmatch(value.strip())):
         rate = float(match.group(1)) / _in_seconds(1.0, match.group(2))
     else:
-        raise ValueError(f"expected {_RATE_HINT}, got {_brief(value)}")
+        raise ValueError(f"expected {_RATE_HINT}, got {brief(value)}")
     if not rate > 0 or not math.isfinite(rate):
-        raise ValueError(f"must be a finite rate > 0, got {_brief(value)}")
+        raise ValueError(f"must be a finite rate > 0, got {brief(value)}")
     return rate
 
 
-def _brief(value: object) -> str:
+def brief(value: object) -> str:
     """repr(value), cut short and depth-limited: a message must stay readable for any input."""
     short = reprlib.Repr()
     short.maxstring = short.maxother = 60

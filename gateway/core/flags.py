@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import reprlib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -36,6 +35,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from gateway.core.durations import brief as _brief
 from gateway.core.durations import parse_duration, parse_rate
 from gateway.errors import FieldError, InvalidDocument
 
@@ -671,16 +671,6 @@ def _describe(value: object) -> str:
         if isinstance(value, kinds):
             return name
     return "a list" if isinstance(value, list | tuple) else type(value).__name__
-
-
-def _brief(value: object) -> str:
-    """repr(value), cut short and depth-limited: a message must stay readable for any input."""
-    short = reprlib.Repr()
-    short.maxstring = short.maxother = 60
-    try:
-        return short.repr(value)
-    except ValueError:  # an int past sys.get_int_max_str_digits()
-        return f"a {type(value).__name__} too large to show"
 
 
 def _dotted(loc: Loc) -> str:
