@@ -36,6 +36,8 @@ Send = Callable[[Message], Awaitable[None]]
 # httptools sets no limit on the request head, so the gateway refuses big ones itself (431)
 # rather than forward them: nginx allows 32 KiB by default, Node 16 KiB.
 MAX_HEADER_BYTES = 64 * 1024
+# How long an exchange runs before a task watches for its client leaving (see `_forward`).
+WATCH_AFTER_S = 0.02
 _JSON = (b"content-type", b"application/json")
 
 
@@ -57,7 +59,7 @@ class _Exchange:
 
     __slots__ = (
         "assignment", "body", "client_gone", "finished", "flag", "headers", "method", "outcome",
-        "pairing", "receive", "request_id", "send", "target",
+        "pairing", "receive", "request_id", "send", "target", "watcher",
     )  # fmt: skip
 
     def __init__(
@@ -79,6 +81,7 @@ class _Exchange:
         self.outcome: Outcome | None = None
         self.client_gone = False
         self.finished = False
+        self.watcher: asyncio.Future[Message] | None = None
 
     def extra(self, arm: Arm) -> list[tuple[bytes, bytes]]:
         return _variant_headers(arm, self.request_id, self.assignment)
@@ -222,9 +225,16 @@ class Proxy:
         if flag.shadows and self.mirror is not None:
             x.pairing = self.mirror.begin(flag, x.method, x.target, x.headers, body)
         # A client that leaves must stop its upstream request, whether we wait for the answer
-        # or relay it. Only receive() tells, so one watcher per exchange cancels this task
-        # when it says the client left. (A streamed request body reads receive() itself.)
-        watcher = None if isinstance(body, _StreamedBody) else _watch_client(x)
+        # or relay it. Only receive() tells, so a watcher task cancels this task when it says
+        # the client left. Most exchanges are over before the watcher would be worth its
+        # task, so it starts only once the exchange has taken WATCH_AFTER_S. (A streamed
+        # request body reads receive() itself.)
+        task = asyncio.current_task()
+        arm_watcher = (
+            None
+            if isinstance(body, _StreamedBody) or task is None
+            else asyncio.get_running_loop().call_later(WATCH_AFTER_S, _watch_client, x, task)
+        )
         try:
             await self._attempt(x, arm)
         except asyncio.CancelledError:
@@ -234,8 +244,10 @@ class Proxy:
             task.uncancel()  # ours, not a shutdown's: the request simply ends here
         finally:
             x.finished = True
-            if watcher is not None:
-                watcher.cancel()
+            if arm_watcher is not None:
+                arm_watcher.cancel()
+            if x.watcher is not None:
+                x.watcher.cancel()
             if x.pairing is not None:
                 x.pairing.done(x.outcome)
 
@@ -384,24 +396,24 @@ async def _relay(chunks: AsyncIterator[bytes], send: Send, capture: _Capture | N
     await send({"type": "http.response.body", "body": pending or b"", "more_body": False})
 
 
-def _watch_client(x: _Exchange) -> asyncio.Future[Message]:
+def _watch_client(x: _Exchange, task: asyncio.Task[Any]) -> None:
     """Cancel the exchange's task if the client disconnects before the exchange is over.
 
     uvicorn's receive() also returns once the response is complete; `x.finished` tells the two
     apart, and is set before the task could be cancelled for it.
     """
-    task = asyncio.current_task()
-    watcher = asyncio.ensure_future(x.receive())
+    if x.finished:
+        return
+    watcher = x.watcher = asyncio.ensure_future(x.receive())
 
     def on_message(done: asyncio.Future[Message]) -> None:
-        if x.finished or done.cancelled() or task is None:
+        if x.finished or done.cancelled():
             return
         if done.exception() is None and done.result().get("type") == "http.disconnect":
             x.client_gone = True
             task.cancel()
 
     watcher.add_done_callback(on_message)
-    return watcher
 
 
 def _upstream_failed(arm: Arm, exc: UpstreamError) -> str:

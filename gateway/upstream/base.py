@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -39,7 +39,11 @@ class Origin:
 
 class UpstreamResponse(Protocol):
     status: int
-    headers: list[tuple[bytes, bytes]]
+
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """Raw (name, value) pairs as the upstream sent them."""
+        ...
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, undecoded."""
