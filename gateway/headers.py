@@ -1,9 +1,10 @@
-"""Hop-by-hop header handling, in both directions, in one place (RFC 9110 7.6.1).
+"""Header handling between the client and the upstream, both ways, in one place.
 
 A proxy must drop Connection, every header that Connection names, Keep-Alive, Proxy-*, TE,
-Trailer, Transfer-Encoding and Upgrade: they describe one connection, not the message.
-On the way in, Content-Length and Host are dropped too: the client library frames the forwarded
-body and names the upstream's host itself.
+Trailer, Transfer-Encoding and Upgrade: they describe one connection, not the message
+(RFC 9110 7.6.1). On the way in, Content-Length and Host are dropped too: the client library
+frames the forwarded body and names the upstream's host itself. Each direction is one pass
+over the headers: this runs on every request.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"content-length",
     b"host",
     b"x-request-id",
+    b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-host",
 }
@@ -37,31 +39,64 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _RESPONSE_DROP = HOP_BY_HOP | {b"x-gateway-variant", b"x-request-id"}
 
 
-def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in Connection (lower-case); usually empty."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(named)
+# Connection values that name no header beyond those dropped anyway (most upstreams send one).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
-def _is_dropped(name: bytes, drop: frozenset[bytes], named: frozenset[bytes]) -> bool:
-    return name in drop or name in named or name.startswith(b"proxy-")
+def _named(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
+    """Add the header names a Connection value lists (lower-case) to `named`."""
+    if value.lower() in _PLAIN_CONNECTION:
+        return named
+    named = set() if named is None else named
+    named.update(t for t in (t.strip().lower() for t in value.split(b",")) if t)
+    return named
 
 
-def request_headers(scope_headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """Client headers to forward (ASGI gives lower-case names), as str pairs for the client."""
-    named = connection_named(scope_headers)
-    return [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in scope_headers
-        if not _is_dropped(name, _REQUEST_DROP, named)
-    ]
+def forwarded_request_headers(
+    scope_headers: Iterable[tuple[bytes, bytes]],
+    *,
+    client_ip: str,
+    scheme: str,
+    request_id: str,
+) -> list[tuple[str, str]]:
+    """Client headers to forward (ASGI gives lower-case names), as str pairs for the client,
+    followed by X-Forwarded-For (appended to), -Proto, -Host and X-Request-Id."""
+    out: list[tuple[str, str]] = []
+    named: set[bytes] | None = None
+    host = None
+    prior_for: list[str] = []  # several X-Forwarded-For fields are one comma-separated list
+    for name, value in scope_headers:
+        if name in _REQUEST_DROP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                named = _named(value, named)
+            elif name == b"host" and host is None:  # two are refused before this runs
+                host = value
+            elif name == b"x-forwarded-for":
+                prior_for.append(value.decode("latin-1"))
+            continue
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    if named:
+        out = [(n, v) for n, v in out if n.encode("latin-1") not in named]
+    prior_for.append(client_ip)
+    out.append(("x-forwarded-for", ", ".join(prior_for)))
+    out.append(("x-forwarded-proto", scheme))
+    if host is not None:
+        out.append(("x-forwarded-host", host.decode("latin-1")))
+    out.append(("x-request-id", request_id))
+    return out
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Upstream response headers to pass back; names lower-cased as ASGI wants them."""
-    pairs = [(name.lower(), value) for name, value in raw]
-    named = connection_named(pairs)
-    return [(n, v) for n, v in pairs if not _is_dropped(n, _RESPONSE_DROP, named)]
+    out: list[tuple[bytes, bytes]] = []
+    named: set[bytes] | None = None
+    for name, value in raw:
+        name = name.lower()
+        if name in _RESPONSE_DROP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                named = _named(value, named)
+            continue
+        out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n not in named]
+    return out

@@ -20,7 +20,7 @@ import orjson
 
 from gateway.core.assignment import COOKIE_NAME, Assignment
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.headers import request_headers, response_headers
+from gateway.headers import forwarded_request_headers, response_headers
 from gateway.runtime import Arm, FlagRuntime, Router
 from gateway.settings import Settings
 from gateway.shadow import Mirror, Outcome, Pairing
@@ -286,7 +286,13 @@ class Proxy:
             out_headers = response_headers(response.headers)
             out_headers.extend(x.extra(arm))
             await x.send({"type": "http.response.start", "status": status, "headers": out_headers})
-            await _relay(response.chunks(), x.send, capture)
+            body = response.complete_body()
+            if body is None:
+                await _relay(response.chunks(), x.send, capture)
+            else:
+                if capture is not None:
+                    capture.append(body)
+                await x.send({"type": "http.response.body", "body": body, "more_body": False})
         except UpstreamError as exc:
             failure = exc.kind  # failed mid-stream: the status line is already sent
         finally:
@@ -496,22 +502,13 @@ def _target(scope: Scope) -> str:
 
 
 def _forwarded_headers(scope: Scope, request_id: bytes) -> list[tuple[str, str]]:
-    headers: list[tuple[bytes, bytes]] = scope["headers"]
-    out = request_headers(headers)
     client = scope.get("client")
-    client_ip = client[0] if client else "unknown"
-    prior = _header(headers, b"x-forwarded-for")
-    if prior is not None:
-        out = [(k, v) for k, v in out if k != "x-forwarded-for"]
-        out.append(("x-forwarded-for", f"{prior.decode('latin-1')}, {client_ip}"))
-    else:
-        out.append(("x-forwarded-for", client_ip))
-    out.append(("x-forwarded-proto", scope.get("scheme", "http")))
-    host = _header(headers, b"host")
-    if host is not None:
-        out.append(("x-forwarded-host", host.decode("latin-1")))
-    out.append(("x-request-id", request_id.decode("latin-1")))
-    return out
+    return forwarded_request_headers(
+        scope["headers"],
+        client_ip=client[0] if client else "unknown",
+        scheme=scope.get("scheme", "http"),
+        request_id=request_id.decode("latin-1"),
+    )
 
 
 def _variant_headers(

@@ -75,6 +75,12 @@ class _DirectResponse:
         except _FAILURES as exc:
             raise _translate(exc) from exc
 
+    def complete_body(self) -> bytes | None:
+        payload = self._payload
+        if payload.is_eof() and payload.exception() is None:
+            return payload.read_nowait()
+        return None
+
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
@@ -99,6 +105,9 @@ class _SessionResponse:
                 yield chunk
         except _FAILURES as exc:
             raise _translate(exc) from exc
+
+    def complete_body(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         self._response.release()

@@ -49,6 +49,11 @@ class UpstreamResponse(Protocol):
         """The body as it arrives, undecoded."""
         ...
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has already arrived (small bodies mostly do, with the head);
+        else None, and `chunks()` gives it. Saves the stream's machinery on most requests."""
+        ...
+
     async def aclose(self) -> None:
         """Give the connection back (or drop it if the body was not read to the end)."""
         ...

@@ -25,6 +25,9 @@ class HttpxResponse:
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
 
+    def complete_body(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         await self._response.aclose()
 

@@ -1,0 +1,205 @@
+"""What the gateway's upstream clients put on the wire and how they read odd answers.
+
+The upstream here is a scripted HTTP/1.1 server on a loopback socket: it reads each request
+head and body, records them with the connection they came on, and answers what the test
+scripts (or closes the connection without answering). The gateway in front of it is a real
+`gateway serve`. The default aiohttp client writes request heads itself and reads answers
+with aiohttp's protocol (gateway/upstream/aiohttp_client.py), so framing, Host, interim
+responses, HEAD and connection reuse are checked byte for byte here.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from conftest import flag_doc, raw_http
+
+CLIENTS = ["aiohttp", "httpx"]
+
+
+@dataclass(frozen=True)
+class Seen:
+    connection: int  # 0 for the first connection the upstream accepted, 1 for the next...
+    index: int  # the request's position on its connection
+    head: bytes
+    body: bytes
+
+    @property
+    def request_line(self) -> bytes:
+        return self.head.split(b"\r\n", 1)[0]
+
+    @property
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        lines = self.head.split(b"\r\n")[1:]
+        return [(n.strip().lower(), v.strip()) for n, _, v in (x.partition(b":") for x in lines)]
+
+    def field(self, name: bytes) -> bytes | None:
+        return next((v for n, v in self.fields if n == name), None)
+
+
+Answer = Callable[[Seen], bytes | None]  # None: close the connection without answering
+
+
+@dataclass
+class ScriptedUpstream:
+    answer: Answer
+    sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def serve(self) -> None:
+        for number in range(10_000):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn, number), daemon=True).start()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        buffer = b""
+        with conn:
+            for index in range(10_000):
+                while b"\r\n\r\n" not in buffer:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                seen = Seen(number, index, head, b"")
+                length = int(seen.field(b"content-length") or 0)
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                seen = Seen(number, index, head, buffer[:length])
+                buffer = buffer[length:]
+                self.seen.append(seen)
+                reply = self.answer(seen)
+                if reply is None:
+                    return
+                conn.sendall(reply)
+
+
+@pytest.fixture
+def upstream() -> Iterator[Callable[[Answer], ScriptedUpstream]]:
+    started: list[ScriptedUpstream] = []
+
+    def start(answer: Answer) -> ScriptedUpstream:
+        server = ScriptedUpstream(answer)
+        threading.Thread(target=server.serve, daemon=True).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.sock.close()
+
+
+def ok(body: bytes = b"ok", *extra: bytes) -> bytes:
+    head = [b"HTTP/1.1 200 OK", b"Content-Length: %d" % len(body), *extra]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _gateway(gateway_server: Callable[..., Any], url: str, client: str) -> Any:
+    return gateway_server(flag_doc(url, None), settings={"upstream": {"client": client}})
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_request_framing_host_and_no_invented_headers(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    up = upstream(lambda seen: ok())
+    gw = _gateway(gateway_server, up.url, client)
+    port = int(gw.url.rsplit(":", 1)[1])
+    get = b"GET /v1/sentiment/a?q=1 HTTP/1.1\r\nHost: example.test\r\nX-User-Id: u1\r\n\r\n"
+    post = b"POST /v1/sentiment HTTP/1.1\r\nHost: example.test\r\nContent-Length: 0\r\n\r\n"
+    put = b"PUT /v1/sentiment HTTP/1.1\r\nHost: example.test\r\nContent-Length: 3\r\n\r\nabc"
+    for request in (get, post, put):
+        status, body = raw_http(port, request)
+        assert (status, body) == (200, b"ok")
+    sent_get, sent_post, sent_put = up.seen
+    assert sent_get.request_line == b"GET /v1/sentiment/a?q=1 HTTP/1.1"
+    assert sent_get.field(b"host") == up.url.removeprefix("http://").encode()
+    assert sent_get.field(b"x-forwarded-host") == b"example.test"
+    assert sent_get.field(b"x-user-id") == b"u1"
+    assert sent_get.field(b"content-length") is None
+    assert sent_get.field(b"transfer-encoding") is None
+    names = {name for name, _ in sent_get.fields}
+    assert not names & {b"user-agent", b"accept", b"accept-encoding", b"content-type"}, names
+    assert sent_post.field(b"content-length") == b"0"
+    assert (sent_put.field(b"content-length"), sent_put.body) == (b"3", b"abc")
+    assert [name for name, _ in sent_put.fields].count(b"host") == 1
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_interim_1xx_answers_are_skipped(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    up = upstream(lambda seen: early + ok(b"final"))
+    gw = _gateway(gateway_server, up.url, client)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(3):  # and the connection is still usable after one
+            r = c.post("/v1/sentiment", content=b"{}")
+            assert (r.status_code, r.content) == (200, b"final")
+            assert "link" not in r.headers
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_head_answer_without_body_is_complete_and_the_connection_is_reused(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    def answer(seen: Seen) -> bytes:
+        if seen.request_line.startswith(b"HEAD"):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"  # the length GET would have
+        return ok(b"hello")
+
+    up = upstream(answer)
+    gw = _gateway(gateway_server, up.url, client)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        head = c.head("/v1/sentiment")
+        get = c.get("/v1/sentiment")
+    assert (head.status_code, head.headers["content-length"], head.content) == (200, "5", b"")
+    assert (get.status_code, get.content) == (200, b"hello")
+    assert [s.connection for s in up.seen] == [0, 0]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_connection_close_from_the_upstream_is_honoured(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    def answer(seen: Seen) -> bytes | None:
+        return None if seen.index > 0 else ok(b"once", b"Connection: close")
+
+    up = upstream(answer)
+    gw = _gateway(gateway_server, up.url, client)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(3):
+            r = c.post("/v1/sentiment", content=b"{}")
+            assert (r.status_code, r.content) == (200, b"once")
+            assert "connection" not in r.headers or r.headers["connection"] != "close"
+    assert [s.connection for s in up.seen] == [0, 1, 2]
+
+
+def test_a_pooled_connection_the_upstream_dropped_is_retried_for_get_but_not_for_post(
+    upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    """The race a keep-alive pool always has: the upstream closes an idle connection as the
+    next request goes out on it. An idempotent request is sent again on a new connection,
+    as aiohttp's ClientSession does; a POST is not (it may have been acted on)."""
+    up = upstream(lambda seen: ok(b"first") if seen.index == 0 else None)
+    gw = _gateway(gateway_server, up.url, "aiohttp")
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        assert c.get("/v1/sentiment").content == b"first"  # connection 0, now pooled
+        assert c.get("/v1/sentiment").content == b"first"  # 0 drops it; sent again on 1
+        r = c.post("/v1/sentiment", content=b"{}")  # 1 drops it: not sent again
+        assert r.status_code == 502
+        assert r.json()["error"] == "connect_error"
+    assert [(s.connection, s.index) for s in up.seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
