@@ -176,6 +176,7 @@ class AiohttpClient:
             raise aiohttp.ServerDisconnectedError()
         protocol.set_response_params(
             skip_payload=method == "HEAD",
+            read_until_eof=True,  # a body with neither length nor chunks ends with the connection
             auto_decompress=False,
             read_timeout=self._read_timeout_s,
         )

@@ -2,7 +2,8 @@
 
 The upstream here is a scripted HTTP/1.1 server on a loopback socket: it reads each request
 head and body, records them with the connection they came on, and answers what the test
-scripts (or closes the connection without answering). The gateway in front of it is a real
+scripts, or closes the connection without answering (and after any answer that says
+`Connection: close`). The gateway in front of it is a real
 `gateway serve`. The default aiohttp client writes request heads itself and reads answers
 with aiohttp's protocol (gateway/upstream/aiohttp_client.py), so framing, Host, interim
 responses, HEAD and connection reuse are checked byte for byte here.
@@ -85,6 +86,8 @@ class ScriptedUpstream:
                 if reply is None:
                     return
                 conn.sendall(reply)
+                if b"connection: close" in reply.partition(b"\r\n\r\n")[0].lower():
+                    return  # as it said it would
 
 
 @pytest.fixture
@@ -203,3 +206,17 @@ def test_a_pooled_connection_the_upstream_dropped_is_retried_for_get_but_not_for
         assert r.status_code == 502
         assert r.json()["error"] == "connect_error"
     assert [(s.connection, s.index) for s in up.seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_body_framed_by_closing_the_connection_is_read_to_the_end(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    """No Content-Length, not chunked: the body is whatever comes before the upstream closes
+    (RFC 9112 6.3, item 8)."""
+    up = upstream(lambda seen: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nread until close")
+    gw = _gateway(gateway_server, up.url, client)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(2):
+            r = c.get("/v1/sentiment")
+            assert (r.status_code, r.content) == (200, b"read until close")
