@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,27 +33,6 @@ OTHER_OPERATOR = "ops-bot-secret-2c9d11aa"
 TOKENS = f"alice:operator:{OPERATOR},victor:viewer:{VIEWER},deploy-bot:operator:{OTHER_OPERATOR}"
 SECRETS = (OPERATOR, VIEWER, OTHER_OPERATOR)
 NOWHERE = "http://127.0.0.1:9"  # a valid upstream for flags that never serve a request here
-
-# `gateway serve` with the admin routes mounted, until app.py mounts them itself.
-SERVE = """
-import logging, sys
-from starlette.applications import Starlette
-from gateway.admin import admin_routes
-from gateway.app import create_app
-from gateway.health import health_routes
-from gateway.server import run
-from gateway.settings import load_settings
-
-logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-config, flags, port, admin_port = sys.argv[1:5]
-settings = load_settings(config, overrides={
-    "store.flags_file": flags, "listen.host": "127.0.0.1", "listen.port": int(port),
-    "admin.host": "127.0.0.1", "admin.port": int(admin_port)})
-gateway = create_app(settings)
-if not any(getattr(r, "path", "").startswith("/admin/") for r in gateway.admin_app.routes):
-    gateway.admin_app = Starlette(routes=health_routes(gateway) + admin_routes(gateway))
-run(gateway)
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +72,17 @@ def start_gateway(
     flags_file.write_text(yaml.safe_dump(flags))
     settings_file.write_text("{}\n")
     admin = free_port()
-    argv = [sys.executable, "-c", SERVE, str(settings_file), str(flags_file)]
+    argv = [str(GATEWAY_BIN), "serve", "--config", str(settings_file), "--flags", str(flags_file)]
     server = spawn(
-        lambda port: [*argv, str(port), str(admin)],
+        lambda port: [
+            *argv,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin),
+        ],
         ready=lambda _port: f"http://127.0.0.1:{admin}/readyz",
         env={"GATEWAY_ADMIN_TOKENS": tokens, "GATEWAY_REDIS_URL": redis_url or ""},
     )
