@@ -48,7 +48,7 @@ class _Route:
         self.path_prefix = origin.base_path
         # TCPConnector.connect() takes a ClientRequest for the pool key, the TLS settings and
         # the address; one per origin serves every request to it.
-        url = URL.build(scheme=origin.scheme, host=origin.host, port=origin.port, encoded=True)
+        url = URL.build(scheme=origin.scheme, host=origin.host, port=origin.port)
         self.key_request = ClientRequest("GET", url, loop=asyncio.get_running_loop(), ssl=True)
 
 
@@ -191,15 +191,7 @@ class AiohttpClient:
     async def _send_streamed(
         self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
     ) -> _SessionResponse:
-        path, _, query = target.partition("?")
-        url = URL.build(
-            scheme=origin.scheme,
-            host=origin.host,
-            port=origin.port,
-            path=origin.base_path + path,
-            query_string=query,
-            encoded=True,
-        )
+        url = URL(origin.url + target, encoded=True)  # Origin.url brackets an IPv6 host
         try:
             response = await self._session.request(
                 method, url, headers=headers, data=body, allow_redirects=False, compress=None

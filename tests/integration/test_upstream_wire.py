@@ -50,12 +50,13 @@ Answer = Callable[[Seen], bytes | None]  # None: close the connection without an
 @dataclass
 class ScriptedUpstream:
     answer: Answer
-    sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
+    sock: socket.socket
     seen: list[Seen] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        host, port = self.sock.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def serve(self) -> None:
         for number in range(10_000):
@@ -66,21 +67,21 @@ class ScriptedUpstream:
             threading.Thread(target=self._connection, args=(conn, number), daemon=True).start()
 
     def _connection(self, conn: socket.socket, number: int) -> None:
-        buffer = b""
         with conn:
+            read = _Reader(conn)
             for index in range(10_000):
-                while b"\r\n\r\n" not in buffer:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                head = read.until(b"\r\n\r\n")
+                if head is None:
+                    return
                 seen = Seen(number, index, head, b"")
-                length = int(seen.field(b"content-length") or 0)
-                while len(buffer) < length:
-                    buffer += conn.recv(65536)
-                seen = Seen(number, index, head, buffer[:length])
-                buffer = buffer[length:]
+                if seen.field(b"transfer-encoding") == b"chunked":
+                    body = b""
+                    while size := int(read.until(b"\r\n") or b"0", 16):
+                        body += read.exactly(size + 2)[:size]
+                    read.until(b"\r\n")  # no trailers: the empty line
+                else:
+                    body = read.exactly(int(seen.field(b"content-length") or 0))
+                seen = Seen(number, index, head, body)
                 self.seen.append(seen)
                 reply = self.answer(seen)
                 if reply is None:
@@ -90,12 +91,36 @@ class ScriptedUpstream:
                     return  # as it said it would
 
 
+@dataclass
+class _Reader:
+    conn: socket.socket
+    buffer: bytes = b""
+
+    def until(self, end: bytes) -> bytes | None:
+        """What comes before `end` (consumed too); None if the peer closed first."""
+        while end not in self.buffer:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(end)
+        return line
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self.buffer += self.conn.recv(65536)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+
 @pytest.fixture
-def upstream() -> Iterator[Callable[[Answer], ScriptedUpstream]]:
+def upstream() -> Iterator[Callable[..., ScriptedUpstream]]:
+    """`upstream(answer, host="127.0.0.1")`: a scripted upstream listening on `host`."""
     started: list[ScriptedUpstream] = []
 
-    def start(answer: Answer) -> ScriptedUpstream:
-        server = ScriptedUpstream(answer)
+    def start(answer: Answer, host: str = "127.0.0.1") -> ScriptedUpstream:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = ScriptedUpstream(answer, socket.create_server((host, 0), family=family))
         threading.Thread(target=server.serve, daemon=True).start()
         started.append(server)
         return server
@@ -220,3 +245,19 @@ def test_a_body_framed_by_closing_the_connection_is_read_to_the_end(
         for _ in range(2):
             r = c.get("/v1/sentiment")
             assert (r.status_code, r.content) == (200, b"read until close")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_an_ipv6_upstream_is_reached_with_a_bracketed_host(
+    client: str, upstream: Callable[..., ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    up = upstream(lambda seen: ok(b"six"), host="::1")
+    gw = _gateway(gateway_server, up.url, client)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        r = c.post("/v1/sentiment/x?q=1", content=b"{}")
+        assert (r.status_code, r.content) == (200, b"six")
+        big = c.post("/v1/sentiment", content=b"x" * (2 * 1024 * 1024))  # streamed upstream
+        assert (big.status_code, big.content) == (200, b"six")
+    assert up.seen[0].request_line == b"POST /v1/sentiment/x?q=1 HTTP/1.1"
+    assert up.seen[0].field(b"host") == up.url.removeprefix("http://").encode()
+    assert len(up.seen[1].body) == 2 * 1024 * 1024
