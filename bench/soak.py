@@ -53,7 +53,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from pathlib import Path
 from types import FrameType
 
 import aiohttp
+from processes import Child, Fleet, StartError, free_port
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 ROUTE = "/v1/soak"
@@ -75,24 +75,11 @@ CANARY_WEIGHT = 0.2
 SHADOW_SAMPLE = 0.1
 
 
-# --- child processes -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# --- child processes: bench/processes.py ----------------------------------------------------
 
 
 def http_ok(port: int, path: str) -> bool:
+    """True once the port answers `path` with 200 (the gateway's /readyz says 503 before)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
     try:
         conn.request("GET", path)
@@ -103,59 +90,10 @@ def http_ok(port: int, path: str) -> bool:
         conn.close()
 
 
-class Children:
-    """Every child started in a `with Children(dir) as children:` block is stopped at its end,
-    with its whole process group."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self._started: list[Child] = []
-
-    def __enter__(self) -> Children:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for child in reversed(self._started):
-            stop(child)
-        self._started.clear()
-
-    def start(self, name: str, argv: Sequence[str], *, port: int, ready: tuple[int, str]) -> Child:
-        log = self.workdir / f"{name}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C reaches only this script, which stops us all
-            )
-        child = Child(name, process, port, log)
-        self._started.append(child)
-        deadline = time.monotonic() + 30
-        while not http_ok(*ready):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                raise SystemExit(f"{name} did not start (exit {process.poll()}):\n{tail}")
-            time.sleep(0.1)
-        return child
-
-
-def stop(child: Child) -> None:
-    if child.process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.process.pid, signal.SIGTERM)
-        try:
-            child.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, signal.SIGKILL)
-            child.process.wait()
-
-
-def model_server(children: Children, name: str, *extra: str) -> Child:
+def model_server(fleet: Fleet, name: str, *extra: str) -> Child:
     port = free_port()
     argv = [str(GATEWAY), "model-server", "--port", str(port), "--name", name, *extra]
-    return children.start(name, argv, port=port, ready=(port, "/_bytes/0"))
+    return fleet.start(name, argv, port=port, ready=lambda p: http_ok(p, "/_bytes/0"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +110,8 @@ class Gateway:
         return self.child.process.pid
 
 
-def start_gateway(
-    children: Children, upstreams: dict[str, Child], redis_url: str | None
-) -> Gateway:
-    workdir = children.workdir
+def start_gateway(fleet: Fleet, upstreams: dict[str, Child], redis_url: str | None) -> Gateway:
+    workdir = fleet.workdir
     flag = {
         "key": "soak",
         "route": {"path_prefix": ROUTE},
@@ -206,7 +142,11 @@ def start_gateway(
     argv = [str(GATEWAY), "serve", "--config", str(workdir / "gateway.json")]
     argv += ["--flags", str(workdir / "flags.json"), "--port", str(port)]
     argv += ["--admin-port", str(admin)]
-    return Gateway(children.start("gateway", argv, port=port, ready=(admin, "/readyz")), admin)
+
+    def ready(_port: int) -> bool:  # ready when the admin port says so
+        return http_ok(admin, "/readyz")
+
+    return Gateway(fleet.start("gateway", argv, port=port, ready=ready), admin)
 
 
 def redis_prefix() -> str:
@@ -502,14 +442,17 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str]) -> int:
     options = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
-    with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp, Children(Path(tmp)) as kids:
+    with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp, Fleet(Path(tmp)) as kids:
         try:
-            upstreams = {
-                "v1": model_server(kids, "v1", "--seed", "1"),
-                "v2": model_server(kids, "v2", "--seed", "2"),
-                "v3": model_server(kids, "v3", "--seed", "3", "--score-offset", "0.05"),
-            }
-            gw = start_gateway(kids, upstreams, options.redis_url)
+            try:
+                upstreams = {
+                    "v1": model_server(kids, "v1", "--seed", "1"),
+                    "v2": model_server(kids, "v2", "--seed", "2"),
+                    "v3": model_server(kids, "v3", "--seed", "3", "--score-offset", "0.05"),
+                }
+                gw = start_gateway(kids, upstreams, options.redis_url)
+            except StartError as exc:
+                raise SystemExit(f"did not start: {exc}") from exc
             print(f"gateway pid {gw.pid} on {gw.url}; upstreams and logs in {tmp}", flush=True)
             tool = "wrk -t1 -c32" if shutil.which("wrk") else "aiohttp, 32 connections"
             print(
