@@ -11,7 +11,7 @@ import contextlib
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,8 @@ class Gateway:
         self.admin_app = Starlette(routes=health_routes(self) + admin_routes(self))
         self._tasks: list[asyncio.Task[None]] = []
         self._statistics_loading = False
+        # Run once scipy is loaded (off the loop, after start-up): the server freezes the heap.
+        self.after_preload: Callable[[], None] | None = None
 
     def new_guard(self, flag: Flag) -> CanaryGuard:
         return CanaryGuard(
@@ -172,7 +174,12 @@ class Gateway:
             # scipy (for the shadow tests) takes a second or more and ~50 MB to import: load it
             # now, off the event loop, rather than on the first flush while requests wait.
             self._statistics_loading = True
-            self._tasks.append(asyncio.create_task(_preload_statistics(), name="preload"))
+            self._tasks.append(asyncio.create_task(self._preload_statistics(), name="preload"))
+
+    async def _preload_statistics(self) -> None:
+        await asyncio.to_thread(importlib.import_module, "scipy.stats")
+        if self.after_preload is not None:
+            self.after_preload()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
@@ -210,10 +217,6 @@ class _WithLifespan:
 
 def create_app(settings: Settings, **kwargs: Any) -> Gateway:
     return Gateway(settings, **kwargs)
-
-
-async def _preload_statistics() -> None:
-    await asyncio.to_thread(importlib.import_module, "scipy.stats")
 
 
 def _read_if_present(path: str) -> list[StoredFlag]:

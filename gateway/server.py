@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from gateway import heap
 from gateway.app import Gateway
 from gateway.http_protocol import GatewayHttpProtocol
 
@@ -64,7 +65,9 @@ async def serve_gateway(gateway: Gateway, *, reuse_port: bool = False) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    gateway.after_preload = heap.freeze_after_load
     async with gateway.running():
+        heap.freeze_after_startup()
         await asyncio.gather(data.serve(data_sockets), admin.serve(admin_sockets))
 
 
