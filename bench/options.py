@@ -44,7 +44,9 @@ def parse_args(argv: list[str]) -> Options:
         "--passes", type=int, default=3, help="measure every row this often; report the median"
     )
     parser.add_argument(
-        "--light-rows", default="direct,bare,gateway,gateway-all", help="comma-separated"
+        "--light-rows",
+        default="direct,forwarder,bare,nginx,gateway,gateway-all",
+        help="comma-separated",
     )
     parser.add_argument("--light-rate", type=float, default=100.0, help="req/s at light load")
     parser.add_argument("--light-seconds", type=float, default=5.0)

@@ -233,6 +233,11 @@ ROWS: tuple[Row, ...] = (
     Row("direct", "wrk straight to the upstream", launch=None),
     Row("naive", "Starlette + httpx proxy (bench/naive_proxy.py)", python_proxy("naive_proxy.py")),
     Row("bare", "raw ASGI + aiohttp proxy (bench/bare_proxy.py)", python_proxy("bare_proxy.py")),
+    Row(
+        "forwarder",
+        "uvloop byte forwarder, no HTTP: the floor under a Python proxy (bench/forwarder.py)",
+        python_proxy("forwarder.py"),
+    ),
     Row("nginx", "nginx reverse proxy, keepalive upstream", nginx_proxy, _nginx_missing),
     Row("gateway", "gateway serve, one flag, stable only", gateway_serve()),
     Row(
