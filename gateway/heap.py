@@ -2,12 +2,12 @@
 
 A full collection walks every object the collector tracks, with the event loop stopped. After
 start-up (pydantic models, uvicorn, prometheus-client, scipy for the shadow tests) that is
-~112,000 objects and 30-75 ms here: every request in flight waits, and under load it lands in
+~112,000 objects and 60-70 ms under load here: every request in flight waits, and it lands in
 the p99 (bench/RESULTS.md). The objects alive once the gateway has started live as long as the
 process, and the request path makes little cyclic garbage (~2,000 objects collected in a bench
 row of ~35,000 requests), so they are moved out of the collector's sight (`gc.freeze`): later
-collections walk only what came after. Reference counting still frees
-frozen objects; only a cycle among them would stay, once.
+collections walk only what came after. Reference counting still frees frozen objects; only a
+cycle among them would stay, once.
 """
 
 from __future__ import annotations
