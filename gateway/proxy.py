@@ -238,7 +238,6 @@ class Proxy:
         try:
             await self._attempt(x, arm)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
             if not x.client_gone or task is None:
                 raise
             task.uncancel()  # ours, not a shutdown's: the request simply ends here

@@ -42,9 +42,7 @@ class _Route:
     __slots__ = ("host", "key_request", "path_prefix")
 
     def __init__(self, origin: Origin) -> None:
-        default_port = 443 if origin.scheme == "https" else 80
-        host = f"[{origin.host}]" if ":" in origin.host else origin.host
-        self.host = host if origin.port == default_port else f"{host}:{origin.port}"
+        self.host = origin.authority
         self.path_prefix = origin.base_path
         # TCPConnector.connect() takes a ClientRequest for the pool key, the TLS settings and
         # the address; one per origin serves every request to it.

@@ -27,14 +27,28 @@ class Origin:
     @classmethod
     def parse(cls, url: str, *, http2: bool = False) -> Origin:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or _default_port(parts.scheme)
         host = parts.hostname or ""
         return cls(parts.scheme, host, port, parts.path.rstrip("/"), http2)
 
     @property
+    def url_host(self) -> str:
+        """The host as a URL or a Host header writes it: an IPv6 address in brackets."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
+    def authority(self) -> str:
+        """The Host header's value: the host, and the port unless it is the scheme's default."""
+        default = self.port == _default_port(self.scheme)
+        return self.url_host if default else f"{self.url_host}:{self.port}"
+
+    @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.base_path}"
+        return f"{self.scheme}://{self.url_host}:{self.port}{self.base_path}"
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
 
 
 class UpstreamResponse(Protocol):
