@@ -268,10 +268,17 @@ class UvicornHandle:
 
 
 @contextlib.contextmanager
-def serve_asgi(app: Any, *, lifespan: str = "auto") -> Iterator[UvicornHandle]:
+def serve_asgi(app: Any, *, lifespan: str = "auto", **options: Any) -> Iterator[UvicornHandle]:
+    """`options` go to uvicorn.Config as they are (`http=`, `loop=`, ...)."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning", access_log=False
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan=lifespan,
+        log_level="warning",
+        access_log=False,
+        **options,
     )
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
