@@ -84,11 +84,18 @@ def run_pass(index: int, fleet: Fleet, upstreams: Upstreams, options: Options) -
     _progress(f"pass {index} of {options.passes}; load average {_loadavg(loadavg)}")
     busy = cpu.busy_share()
     results = [measure(row, fleet, upstreams, options) for row in options.rows]
+    light = [
+        (row, result)
+        for row, result in zip(options.rows, results, strict=True)
+        if row.name in options.light_rows and result.status == "ok"
+    ]
+    if light:
+        measure_light(light, fleet, upstreams, options)
     return Pass(index, loadavg, busy, results)
 
 
 def measure(row: Row, fleet: Fleet, upstreams: Upstreams, options: Options) -> Result:
-    """One row: start its processes (if any), warm up, run wrk, maybe the light load, stop."""
+    """One row: start its processes (if any), warm up, run wrk, stop."""
     result = Result(row.name, row.what, "ok")
     if reason := row.needs():
         return _give_up(result, "skipped", reason)
@@ -164,14 +171,29 @@ def _load(result: Result, row: Row, port: int, pid: int | None, options: Options
     if pid and result.load.requests:
         used = cpu.tree_seconds(pid) - used
         result.cpu_us_per_request = round(used / result.load.requests * 1e6, 1)
-    if result.name in options.light_rows:
-        _progress(f"{result.name}: {options.light_rate:g} req/s for {options.light_seconds:g} s")
-        result.light = lightload.measure(
-            port,
-            rate=options.light_rate,
-            seconds=options.light_seconds,
-            users=USERS if row.users else 0,
-        )
+
+
+def measure_light(
+    light: list[tuple[Row, Result]], fleet: Fleet, upstreams: Upstreams, options: Options
+) -> None:
+    """The light load on all these rows at once, taking turns (`lightload.interleaved`): their
+    added latencies are differences taken over the same stretch of time."""
+    names = ", ".join(row.name for row, _ in light)
+    rate, seconds = options.light_rate, options.light_seconds
+    _progress(f"light load: {names}, {rate:g} req/s for {seconds:g} s each, taking turns")
+    try:
+        with contextlib.ExitStack() as stack:
+            ports = [stack.enter_context(running(row, fleet, upstreams))[0] for row, _ in light]
+            targets = [
+                (port, USERS if row.users else 0)
+                for port, (row, _) in zip(ports, light, strict=True)
+            ]
+            latencies = lightload.interleaved(targets, rate=rate, seconds=seconds)
+    except (StartError, OSError) as exc:
+        _progress(f"light load: failed: {exc}")
+        return
+    for (_, result), latency in zip(light, latencies, strict=True):
+        result.light = latency
 
 
 def profile_row(row: Row, fleet: Fleet, upstreams: Upstreams, options: Options) -> Profiled:
