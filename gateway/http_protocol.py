@@ -1,11 +1,28 @@
-"""The data plane's HTTP/1.1 protocol: uvicorn's httptools protocol with two changes."""
+"""The data plane's HTTP/1.1 protocol: uvicorn's httptools protocol with three changes."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+# The scope extension (ASGI `scope["extensions"]`) through which an app answers with a whole
+# response in one call: `respond(status, headers, body) -> bool`; see `respond_whole`.
+RESPOND_WHOLE = "gateway.respond_whole"
+
+# Statuses whose responses carry no body, and the fields that frame one: such responses take
+# uvicorn's general path.
+_BODILESS = frozenset({*range(100, 200), 204, 304})
+_FRAMING = frozenset({b"transfer-encoding", b"connection"})
 
 
 class _CoalescingTransport:
@@ -28,6 +45,11 @@ class _CoalescingTransport:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
+    def write_now(self, data: bytes) -> None:
+        """Send `data` at once, after anything still held."""
+        self._pending.append(data)
+        self.flush()
+
     def flush(self) -> None:
         self._flush_scheduled = False
         pending = self._pending
@@ -46,8 +68,72 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
+def respond_whole(
+    cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> bool:
+    """Answer `cycle`'s request with a whole response: head and complete body in one write.
+
+    The same bytes uvicorn's `send` would write for `http.response.start` and one final
+    `http.response.body`, with the checks it makes (header names and values are refused if
+    they could split the head), at about a fifth of its cost: one pass over the headers, one
+    search for bad bytes over all names and one over all values, no message dicts. The
+    Content-Length is the body's own; one in `headers` is dropped. Returns False, having
+    written nothing, where uvicorn's general path is needed: a response already started, a
+    HEAD request, a status without a body, framing fields, the client not reading (uvicorn
+    waits for it to drain), bad bytes (uvicorn raises). The app then sends the usual
+    messages."""
+    scope = cycle.scope
+    if (
+        cycle.response_started
+        or cycle.flow.write_paused
+        or status in _BODILESS
+        or scope["method"] == "HEAD"
+    ):
+        return False
+    if cycle.disconnected:
+        return True  # as uvicorn's send: nothing to answer
+    content = [STATUS_LINE[status]]
+    names, values = [], []
+    for name, value in (*cycle.default_headers, *headers):
+        name = name.lower()
+        if name == b"content-length":
+            continue
+        if name in _FRAMING:
+            return False
+        names.append(name)
+        values.append(value)
+        content += (name, b": ", value, b"\r\n")
+    if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(values)):
+        return False
+    content.append(b"content-length: %d\r\n" % len(body))
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", body)
+    if cycle.access_log:
+        cycle.access_logger.info(
+            '%s - "%s %s HTTP/%s" %d',
+            get_client_addr(scope),
+            scope["method"],
+            get_path_with_query_string(scope),
+            scope["http_version"],
+            status,
+        )
+    cycle.response_started = cycle.response_complete = True
+    cycle.waiting_for_100_continue = False
+    transport = cycle.transport
+    if isinstance(transport, _CoalescingTransport):
+        transport.write_now(b"".join(content))
+    else:
+        transport.write(b"".join(content))
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        transport.close()
+    cycle.on_response()
+    return True
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with two changes.
+    """uvicorn's httptools protocol, with three changes.
 
     httptools hands chunked trailer fields to `on_header` too, and uvicorn appends them to
     the request's headers, where nothing can tell them apart: a client could smuggle a unit id
@@ -58,6 +144,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     response is complete, not when the request's task next yields: after its last body write
     the task still records metrics, feeds the guard and returns its upstream connection, and
     the client need not wait for that.
+
+    Every request's scope offers `respond_whole` as the extension `RESPOND_WHOLE`: the proxy
+    answers most requests, whose upstream body is complete in memory, with one call instead
+    of two ASGI messages through uvicorn's general `send`.
     """
 
     _in_head = True
@@ -77,6 +167,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+        cycle = self.cycle
+        # An upgrade request returns early, before a cycle for it exists.
+        if cycle is not None and cycle.scope is self.scope:
+            extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+            extensions[RESPOND_WHOLE] = functools.partial(respond_whole, cycle)
 
     def on_response_complete(self) -> None:
         self.transport.flush()  # type: ignore[attr-defined]

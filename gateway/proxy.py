@@ -21,6 +21,7 @@ import orjson
 from gateway.core.assignment import COOKIE_NAME, Assignment
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.headers import forwarded_request_headers, response_headers
+from gateway.http_protocol import RESPOND_WHOLE
 from gateway.runtime import Arm, FlagRuntime, Router
 from gateway.settings import Settings
 from gateway.shadow import Mirror, Outcome, Pairing
@@ -32,6 +33,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+RespondWhole = Callable[[int, list[tuple[bytes, bytes]], bytes], bool]
+_NONE: dict[str, Any] = {}
 
 # httptools sets no limit on the request head, so the gateway refuses big ones itself (431)
 # rather than forward them: nginx allows 32 KiB by default, Node 16 KiB.
@@ -59,7 +62,7 @@ class _Exchange:
 
     __slots__ = (
         "assignment", "body", "client_gone", "finished", "flag", "headers", "method", "outcome",
-        "pairing", "receive", "request_id", "send", "target", "watcher",
+        "pairing", "receive", "request_id", "respond_whole", "send", "target", "watcher",
     )  # fmt: skip
 
     def __init__(
@@ -73,6 +76,8 @@ class _Exchange:
         body: bytes | _StreamedBody | None,
     ) -> None:
         self.receive, self.send, self.flag = receive, send, flag
+        # The server's one-call answer (gateway/http_protocol.py), where it offers one.
+        self.respond_whole: RespondWhole | None = scope.get("extensions", _NONE).get(RESPOND_WHOLE)
         self.assignment, self.request_id, self.body = assignment, request_id, body
         self.method: str = scope["method"]
         self.target = _target(scope)
@@ -284,14 +289,17 @@ class Proxy:
         try:
             out_headers = response_headers(response.headers)
             out_headers.extend(x.extra(arm))
-            await x.send({"type": "http.response.start", "status": status, "headers": out_headers})
             body = response.complete_body()
-            if body is None:
-                await _relay(response.chunks(), x.send, capture)
-            else:
-                if capture is not None:
-                    capture.append(body)
-                await x.send({"type": "http.response.body", "body": body, "more_body": False})
+            if body is not None and capture is not None:
+                capture.append(body)
+            respond = x.respond_whole
+            if body is None or respond is None or not respond(status, out_headers, body):
+                start = {"type": "http.response.start", "status": status, "headers": out_headers}
+                await x.send(start)
+                if body is None:
+                    await _relay(response.chunks(), x.send, capture)
+                else:
+                    await x.send({"type": "http.response.body", "body": body})
         except UpstreamError as exc:
             failure = exc.kind  # failed mid-stream: the status line is already sent
         finally:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from conftest import UvicornHandle, raw_http
 
-from gateway.http_protocol import GatewayHttpProtocol
+from gateway.http_protocol import RESPOND_WHOLE, GatewayHttpProtocol
 
 
 def test_a_complete_response_leaves_before_the_task_goes_on(
@@ -62,3 +65,111 @@ def test_head_and_body_written_in_separate_turns_both_arrive(
     status, body = raw_http(handle.port, b"GET / HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
     assert status == 200
     assert body == b"4\r\none,\r\n4\r\ntwo,\r\n5\r\nthree\r\n0\r\n\r\n"
+
+
+# --- respond_whole: a whole response in one call ------------------------------------------------
+
+WHOLE_CASES: dict[str, tuple[int, list[tuple[bytes, bytes]], bytes]] = {
+    "/plain": (200, [(b"Content-Type", b"application/json"), (b"content-length", b"999")], b"{}"),
+    "/no-content": (204, [], b""),
+    "/framed": (200, [(b"transfer-encoding", b"chunked")], b"x"),
+    "/connection": (200, [(b"connection", b"keep-alive")], b"x"),
+    "/bad-value": (200, [(b"x-a", b"1\r\nset-cookie: stolen=1")], b"x"),
+    "/bad-name": (200, [(b"x a", b"1")], b"x"),
+}
+
+
+@pytest.fixture
+def whole_server(uvicorn_app: Callable[..., UvicornHandle]) -> tuple[UvicornHandle, list[bool]]:
+    """An app that answers through `RESPOND_WHOLE` with the case its path names, and with
+    uvicorn's usual messages (`fallback` in the body) when the extension declines."""
+    answered: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        status, headers, body = WHOLE_CASES[scope["path"]]
+        respond = scope["extensions"][RESPOND_WHOLE]
+        done = respond(status, headers, body)
+        answered.append(done)
+        if not done:
+            head = [(b"content-length", b"8")] if status != 204 else []
+            await send({"type": "http.response.start", "status": status, "headers": head})
+            await send({"type": "http.response.body", "body": b"fallback" if head else b""})
+
+    served = uvicorn_app(app, http=GatewayHttpProtocol, lifespan="off", date_header=False)
+    return served, answered
+
+
+def _exchange(port: int, *requests: bytes) -> bytes:
+    """Send the requests one after another on one connection; all that came back until the
+    server closed it or went quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        received = b""
+        for request in requests:
+            sock.sendall(request)
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+        return received
+
+
+def test_whole_response_is_one_head_with_the_bodys_own_length(
+    whole_server: tuple[UvicornHandle, list[bool]],
+) -> None:
+    handle, answered = whole_server
+    get = b"GET /plain HTTP/1.1\r\nhost: gw\r\n\r\n"
+    received = _exchange(handle.port, get, get)  # kept alive: both answered on one connection
+    one = (
+        b"HTTP/1.1 200 OK\r\nserver: uvicorn\r\n"  # the server's own fields first, as uvicorn
+        b"content-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    assert received == one + one
+    assert answered == [True, True]
+
+
+def test_whole_response_closes_when_the_client_asked_to(
+    whole_server: tuple[UvicornHandle, list[bool]],
+) -> None:
+    handle, answered = whole_server
+    received = _exchange(
+        handle.port, b"GET /plain HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n"
+    )
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.split(b"\r\n")
+    assert body == b"{}"
+    assert answered == [True]
+    received = _exchange(
+        handle.port, b"GET /plain HTTP/1.0\r\n\r\n", b"GET /plain HTTP/1.0\r\n\r\n"
+    )
+    assert received.count(b"HTTP/1.1 200 OK") == 1  # the server closed after the first
+
+
+@pytest.mark.parametrize(
+    ("request_line", "why"),
+    [
+        (b"HEAD /plain HTTP/1.1", "a HEAD response has no body but the length of one"),
+        (b"GET /no-content HTTP/1.1", "204 carries no body and no length"),
+        (b"GET /framed HTTP/1.1", "framing fields are uvicorn's to write"),
+        (b"GET /connection HTTP/1.1", "a Connection field may close the connection"),
+    ],
+)
+def test_whole_response_declines_what_needs_the_general_path(
+    whole_server: tuple[UvicornHandle, list[bool]], request_line: bytes, why: str
+) -> None:
+    handle, answered = whole_server
+    received = _exchange(handle.port, request_line + b"\r\nhost: gw\r\n\r\n")
+    assert answered == [False], why
+    assert received.startswith(b"HTTP/1.1 ")
+
+
+@pytest.mark.parametrize("path", [b"/bad-value", b"/bad-name"])
+def test_whole_response_never_writes_a_head_that_could_be_split(
+    whole_server: tuple[UvicornHandle, list[bool]], path: bytes
+) -> None:
+    """Bytes uvicorn refuses are refused here too: declined, and uvicorn's own send then
+    refuses them (a 500 for the app's error, never the injected field)."""
+    handle, answered = whole_server
+    received = _exchange(handle.port, b"GET " + path + b" HTTP/1.1\r\nhost: gw\r\n\r\n")
+    assert answered == [False]
+    assert b"stolen" not in received
