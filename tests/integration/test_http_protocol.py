@@ -48,6 +48,43 @@ def test_a_complete_response_leaves_before_the_task_goes_on(
     assert in_time == [True]
 
 
+def test_with_other_requests_in_flight_a_response_waits_for_the_turns_end(
+    uvicorn_app: Callable[..., UvicornHandle],
+) -> None:
+    """Under load the writes of one turn of the loop go out together (one wake-up of the
+    clients' side instead of one each): a complete response then waits until its task yields,
+    here until the app stops blocking the loop."""
+    client_has_it, second_started, release = threading.Event(), threading.Event(), asyncio.Event()
+    in_time: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        if scope["path"] == "/slow":
+            second_started.set()
+            await release.wait()  # in flight while /fast answers
+        head = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b"ok"})
+        if scope["path"] == "/fast":
+            in_time.append(client_has_it.wait(timeout=1))
+            release.set()
+
+    handle = uvicorn_app(app, http=GatewayHttpProtocol, lifespan="off")
+    answers: list[tuple[int, bytes]] = []
+    slow = threading.Thread(
+        target=lambda: answers.append(
+            raw_http(handle.port, b"GET /slow HTTP/1.1\r\nhost: gw\r\n\r\n")
+        )
+    )
+    slow.start()
+    assert second_started.wait(timeout=10)
+    answers.append(raw_http(handle.port, b"GET /fast HTTP/1.1\r\nhost: gw\r\n\r\n"))
+    client_has_it.set()
+    slow.join(timeout=15)
+    assert answers == [(200, b"ok"), (200, b"ok")]
+    assert in_time == [False]  # the fast answer left only after the app let go of the loop
+
+
 def test_head_and_body_written_in_separate_turns_both_arrive(
     uvicorn_app: Callable[..., UvicornHandle],
 ) -> None:
