@@ -18,10 +18,11 @@ from gateway.http_protocol import RESPOND_WHOLE, GatewayHttpProtocol
 def test_a_complete_response_leaves_before_the_task_goes_on(
     uvicorn_app: Callable[..., UvicornHandle],
 ) -> None:
-    """The writes of a response are held to be sent together, but not past its last one: what
-    the request's task does afterwards (metrics, the guard, returning its upstream connection)
-    must not delay the client. The app below blocks its event loop after its last write until
-    the client has the answer, so the answer must already be on the wire."""
+    """The writes of a response are held to be sent together, but when it is the one request
+    in flight not past its last write: what the request's task does afterwards (metrics, the
+    guard, returning its upstream connection) must not delay the client. The app below blocks
+    its event loop after its last write until the client has the answer, so the answer must
+    already be on the wire."""
     client_has_it, app_done = threading.Event(), threading.Event()
     in_time: list[bool] = []
 
