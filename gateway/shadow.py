@@ -95,6 +95,7 @@ class ShadowStats:
 
     metric: str
     merged: RunningStats = field(default_factory=RunningStats)  # fleet-wide, as last read
+    published: RunningStats | None = None  # what the t-test gauges show
     pending: RunningStats = field(default_factory=RunningStats)  # here, not yet merged
     reservoir: Reservoir = field(default_factory=Reservoir)
     pairs: int = 0

@@ -64,6 +64,9 @@ class CounterSync:
                 log.exception("shadow flush failed for %s/%s", key, shadow)
             return
         stats.merged = merged
+        if merged == stats.published:
+            return  # unchanged since the last flush: the gauges already say it (and idle is cheap)
+        stats.published = merged
         gauge = self._metrics.shadow_ttest
         gauge.labels(key, shadow, "n").set(merged.n)
         gauge.labels(key, shadow, "mean_diff").set(merged.mean)
