@@ -14,19 +14,22 @@ revision's requests and CPU time (user and system apart) are summed over all its
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import dataclasses
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import cpu
 import wrk
-from processes import Fleet, StartError, free_port, wait_settled
-from rows import UPSTREAMS, USERS_SCRIPT, Spot, gateway_serve
+from processes import Fleet, StartError
+from rows import ROWS, USERS_SCRIPT, Launcher, Row, Spot
+from run import choose_upstream, running, start_upstreams
 
 ROOT = Path(__file__).resolve().parent.parent
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+ROW = next(row for row in ROWS if row.name == "gateway-all")
 
 
 @dataclass(slots=True)
@@ -49,45 +52,42 @@ def main(argv: list[str]) -> int:
     if wrk.find_wrk() is None:
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 1
-    upstream = next((row for row in UPSTREAMS if row.needs() is None), None)
-    if upstream is None or upstream.launch is None:
-        print("no upstream available (nginx, or the model server)", file=sys.stderr)
+    upstream = choose_upstream("auto")
+    if upstream is None:
         return 1
-    with tempfile.TemporaryDirectory(prefix="gateway-ab-") as tmp, Fleet(Path(tmp)) as fleet:
-        trees = [_checkout(rev, Path(tmp) / f"tree-{i}") for i, rev in enumerate(args.revisions)]
+    with (
+        tempfile.TemporaryDirectory(prefix="gateway-ab-") as tmp,
+        Fleet(Path(tmp)) as fleet,
+        contextlib.ExitStack() as stack,
+    ):
         try:
-            urls = {}
-            for role in ("stable", "canary", "shadow"):
-                port = free_port()
-                launch = upstream.launch(Spot(port, "", fleet.workdir))
-                fleet.start(f"upstream-{role}", launch, port=port)
-                urls[role] = f"http://127.0.0.1:{port}"
+            upstreams = start_upstreams(upstream, fleet, [ROW])
             contenders = []
-            for i, (rev, tree) in enumerate(zip(args.revisions, trees, strict=True)):
-                port = free_port()
-                spot = Spot(
-                    port,
-                    urls["stable"],
-                    fleet.workdir,
-                    canary=urls["canary"],
-                    shadow=urls["shadow"],
-                )
-                command = gateway_serve(features=True)(spot)
-                if tree is not None:  # the checkout's package comes first on the path
-                    command = ["env", f"PYTHONPATH={tree}", *command]
-                child = fleet.start(f"gateway-{i}", command, port=port)
-                wait_settled(child)
-                contenders.append(Contender(f"{i}: {rev}", port, child.process.pid))
+            for i, revision in enumerate(args.revisions):
+                tree = None if revision == "." else _checkout(revision, Path(tmp) / f"tree-{i}")
+                if tree is not None:
+                    stack.callback(_git, "worktree", "remove", "--force", str(tree))
+                row = ROW if tree is None else dataclasses.replace(ROW, launch=_from(tree, ROW))
+                port, pid = stack.enter_context(running(row, fleet, upstreams))
+                assert pid is not None
+                contenders.append(Contender(f"{i}: {revision}", port, pid))
             _run(contenders, args)
         except (StartError, wrk.WrkError) as exc:
             print(f"failed: {exc}", file=sys.stderr)
             return 1
-        finally:
-            for tree in trees:
-                if tree is not None:
-                    _git("worktree", "remove", "--force", str(tree))
     _report(contenders, args)
     return 0
+
+
+def _from(tree: Path, row: Row) -> Launcher:
+    """`row`'s command with `tree`'s package first on the path."""
+    assert row.launch is not None
+    launch = row.launch
+
+    def command(spot: Spot) -> list[str]:
+        return ["env", f"PYTHONPATH={tree}", *launch(spot)]
+
+    return command
 
 
 def _run(contenders: list[Contender], args: argparse.Namespace) -> None:
@@ -97,9 +97,9 @@ def _run(contenders: list[Contender], args: argparse.Namespace) -> None:
     for round_ in range(args.rounds):
         order = contenders if round_ % 2 == 0 else contenders[::-1]
         for c in order:
-            user, system = _cpu(c.pid)
+            user, system = cpu.user_system_seconds(c.pid)
             load = wrk.run(f"http://127.0.0.1:{c.port}/", seconds=args.burst, **shape)
-            user_after, system_after = _cpu(c.pid)
+            user_after, system_after = cpu.user_system_seconds(c.pid)
             c.requests += load.requests
             c.user_s += user_after - user
             c.system_s += system_after - system
@@ -117,15 +117,7 @@ def _report(contenders: list[Contender], args: argparse.Namespace) -> None:
         print(f"| {c.label} | {c.requests:,} | {user:.1f} | {system:.1f} | {user + system:.1f} |")
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of `pid` so far (a gateway with one worker)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / _TICKS_PER_S, int(fields[12]) / _TICKS_PER_S
-
-
-def _checkout(revision: str, where: Path) -> Path | None:
-    if revision == ".":
-        return None
+def _checkout(revision: str, where: Path) -> Path:
     _git("worktree", "add", "--detach", str(where), revision)
     return where
 

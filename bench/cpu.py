@@ -77,12 +77,27 @@ def _family_ticks(root: int) -> int:
     return total
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds used so far by `pid` itself (its threads included)."""
+    fields = _fields(PROC / str(pid) / "stat")
+    if fields is None:
+        return 0.0, 0.0
+    return int(fields[11]) / _TICKS_PER_S, int(fields[12]) / _TICKS_PER_S
+
+
 def _stat(path: Path) -> tuple[int, int] | None:
+    fields = _fields(path)
+    if fields is None:
+        return None
+    ppid = int(fields[1])
+    return ppid, sum(int(n) for n in fields[11:15])  # utime stime cutime cstime
+
+
+def _fields(path: Path) -> list[str] | None:
+    """The fields of a /proc/PID/stat after the command name, from the state on."""
     try:
         text = path.read_text()
     except OSError:
         return None  # the process went away
     # The command name may contain spaces and parentheses: split after the last ")".
-    fields = text[text.rindex(")") + 2 :].split()
-    ppid = int(fields[1])
-    return ppid, sum(int(n) for n in fields[11:15])  # utime stime cutime cstime
+    return text[text.rindex(")") + 2 :].split()

@@ -121,7 +121,7 @@ def main() -> int:
     print("| row | exchanges | in | upstream | out | in + out | client p50 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="gateway-hops-") as tmp, Fleet(Path(tmp)) as fleet:
-        upstreams = start_upstreams(upstream, fleet, options)
+        upstreams = start_upstreams(upstream, fleet, options.rows)
         for name in args.rows:
             legs = measure(name, args.rate, args.seconds, fleet, upstreams)
             print(

@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # so teardown runs on SIGTERM as on Ctrl-C
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, Fleet(Path(tmp)) as fleet:
         try:
-            upstreams = start_upstreams(upstream, fleet, options)
+            profiled_row = () if options.profile is None else (options.profile,)
+            upstreams = start_upstreams(upstream, fleet, options.rows + profiled_row)
         except StartError as exc:
             print(f"upstream {upstream.name} did not start: {exc}", file=sys.stderr)
             return 1
@@ -64,14 +65,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def start_upstreams(upstream: Row, fleet: Fleet, options: Options) -> Upstreams:
-    """The stable upstream, plus a canary and a shadow one when a row forwards to them:
-    separate processes on separate ports, so each arm has its own connection pool."""
+def start_upstreams(upstream: Row, fleet: Fleet, rows: Iterable[Row]) -> Upstreams:
+    """The stable upstream, plus a canary and a shadow one when one of `rows` forwards to
+    them: separate processes on separate ports, so each arm has its own connection pool."""
     assert upstream.launch is not None
-    roles = ["stable"]
-    roles += sorted({role for row in options.rows for role in row.upstreams})
-    if options.profile is not None:
-        roles += [role for role in options.profile.upstreams if role not in roles]
+    roles = ["stable", *sorted({role for row in rows for role in row.upstreams})]
     ports: Upstreams = {}
     for role in roles:
         port = ports[role] = free_port()
