@@ -64,9 +64,9 @@ def main(argv: list[str]) -> int:
             upstreams = start_upstreams(upstream, fleet, [ROW])
             contenders = []
             for i, revision in enumerate(args.revisions):
-                tree = None if revision == "." else _checkout(revision, Path(tmp) / f"tree-{i}")
+                tree = None if revision == "." else checkout(revision, Path(tmp) / f"tree-{i}")
                 if tree is not None:
-                    stack.callback(_git, "worktree", "remove", "--force", str(tree))
+                    stack.callback(git, "worktree", "remove", "--force", str(tree))
                 row = ROW if tree is None else dataclasses.replace(ROW, launch=_from(tree, ROW))
                 port, pid = stack.enter_context(running(row, fleet, upstreams))
                 assert pid is not None
@@ -117,12 +117,12 @@ def _report(contenders: list[Contender], args: argparse.Namespace) -> None:
         print(f"| {c.label} | {c.requests:,} | {user:.1f} | {system:.1f} | {user + system:.1f} |")
 
 
-def _checkout(revision: str, where: Path) -> Path:
-    _git("worktree", "add", "--detach", str(where), revision)
+def checkout(revision: str, where: Path) -> Path:
+    git("worktree", "add", "--detach", str(where), revision)
     return where
 
 
-def _git(*args: str) -> None:
+def git(*args: str) -> None:
     subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True)
 
 

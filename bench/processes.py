@@ -130,7 +130,15 @@ class Fleet:
         for child in reversed(self._children):
             self.stop(child)
 
-    def start(self, name: str, argv: Sequence[str], *, port: int, ready: Probe = answers) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        port: int,
+        ready: Probe = answers,
+        timeout_s: float = 20.0,
+    ) -> Child:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
@@ -143,7 +151,7 @@ class Fleet:
         child = Child(name, process, port, log)
         self._children.append(child)
         try:
-            _wait_ready(child, ready, timeout_s=20.0)
+            _wait_ready(child, ready, timeout_s=timeout_s)
         except StartError:
             self.stop(child)
             raise
