@@ -193,7 +193,7 @@ class Mirror:
                 continue
             if pairing is None:
                 pairing = Pairing(flag.shadows_want_body, self._limit)
-            task = asyncio.get_running_loop().create_task(
+            task = pairing.primary.get_loop().create_task(
                 self._mirror(flag, arm, pairing, method, target, headers, body)
             )
             self.in_flight.add(task)
@@ -213,10 +213,16 @@ class Mirror:
         shadow = await self._call(arm, method, target, headers, body)
         outcome_label = "error" if shadow.failure or shadow.status >= 500 else "ok"
         arm.meters.outcomes[outcome_label].inc()
-        try:
-            primary = await asyncio.wait_for(asyncio.shield(pairing.primary), self._wait)
-        except TimeoutError:
-            return
+        answered = pairing.primary
+        if answered.done():  # the usual case: the primary's answer came first
+            primary = answered.result()
+        else:
+            try:
+                async with asyncio.timeout(self._wait):
+                    # Shielded: the timeout must not cancel what other shadows wait on too.
+                    primary = await asyncio.shield(answered)
+            except TimeoutError:
+                return
         if primary is None:
             return  # the primary never completed (client gone): nothing to pair
         self._pair(flag, arm, primary, shadow, request_id=_request_id(headers))
@@ -230,10 +236,14 @@ class Mirror:
             response = await arm.client.send(method, arm.origin, target, headers, body)
             status = response.status
             try:
-                async for chunk in response.chunks():
-                    if size <= self._limit:
-                        chunks.append(chunk)
-                        size += len(chunk)
+                whole = response.complete_body()
+                if whole is not None:
+                    chunks.append(whole)
+                else:
+                    async for chunk in response.chunks():
+                        if size <= self._limit:
+                            chunks.append(chunk)
+                            size += len(chunk)
             finally:
                 await response.aclose()
         except UpstreamError as exc:
