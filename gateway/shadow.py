@@ -3,9 +3,9 @@
 A sampled request is sent to each shadow as soon as its body is read, in a bounded set of
 background tasks (full means the mirror is dropped and counted). The shadow's task then waits
 for the primary's outcome, computes the shadow's metric for both answers, logs the pair as
-one JSON line on logger `gateway.shadow` and adds `d = m(shadow) - m(primary)` to the running
-(n, mean, M2) that the paired t-test reads. Nothing here can delay or fail the primary: the
-primary only resolves a future.
+one JSON line on logger `gateway.shadow` (gateway/pairlog.py) and adds
+`d = m(shadow) - m(primary)` to the running (n, mean, M2) that the paired t-test reads.
+Nothing here can delay or fail the primary: the primary only resolves a future.
 
 Metrics: `latency_ms` (each side's time to its last byte), `error` (1 for a transport failure
 or a 5xx), `json:/pointer` (the number at that JSON pointer in each body), `agreement` (the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +26,10 @@ import orjson
 
 from gateway.core.paired import Reservoir, RunningStats, paired_ttest, wilcoxon_test
 from gateway.errors import UpstreamError
+from gateway.pairlog import flush_pair_lines, write_pair
 from gateway.runtime import Arm, FlagRuntime
 from gateway.upstream import Body
 
-pair_log = logging.getLogger("gateway.shadow")
 log = logging.getLogger("gateway.mirror")
 
 SUMMARY_EVERY = 100
@@ -289,7 +288,7 @@ class Mirror:
             "d": d,
         }
         line = orjson.dumps(record).decode()
-        pair_log.info(line)
+        write_pair(line)
         if len(stats.lines) < MAX_PENDING_LINES:
             stats.lines.append(line)
 
@@ -305,17 +304,7 @@ class Mirror:
     async def drain(self, timeout_s: float) -> None:
         if self.in_flight:
             await asyncio.wait(set(self.in_flight), timeout=timeout_s)
-
-
-def configure_pair_log(path: str | None) -> None:
-    """Pair lines go to standard output, or to `path` (`shadow.pair_log`), as bare JSON lines."""
-    handler: logging.Handler = (
-        logging.FileHandler(path) if path else logging.StreamHandler(sys.stdout)
-    )
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    pair_log.handlers[:] = [handler]
-    pair_log.setLevel(logging.INFO)
-    pair_log.propagate = False
+        flush_pair_lines()
 
 
 def _request_id(headers: list[tuple[str, str]]) -> str:

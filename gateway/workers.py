@@ -40,8 +40,8 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 def _worker_main(settings_json: str, pair_log: str | None) -> None:
     # A fresh interpreter (spawn): prometheus-client sees PROMETHEUS_MULTIPROC_DIR on import.
     from gateway.app import create_app
+    from gateway.pairlog import configure_pair_log
     from gateway.server import run
-    from gateway.shadow import configure_pair_log
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"

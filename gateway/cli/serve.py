@@ -35,9 +35,9 @@ def serve(
 ) -> None:
     """Serve the data plane on --port and the admin API and /metrics on --admin-port."""
     from gateway.app import create_app
+    from gateway.pairlog import configure_pair_log
     from gateway.server import run
     from gateway.settings import load_settings
-    from gateway.shadow import configure_pair_log
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -60,8 +60,14 @@ def wait_for_pairs(gw: Any, n: int, timeout_s: float = 20) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def read_pairs(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+def read_pairs(path: Path, n: int = 0, timeout_s: float = 5) -> list[dict[str, Any]]:
+    """The JSON lines of `path`, once there are `n`: the gateway writes its pair log in batches."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pairs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        if len(pairs) >= n or time.monotonic() > deadline:
+            return pairs
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(("offset", "significant"), [(0.1, True), (0.0, False)])
@@ -84,7 +90,7 @@ def test_paired_ttest_finds_a_score_offset_and_matches_scipy(
     assert all(r.status_code == 200 and r.json()["model"] == "v1" for r, _ in answers)
     s = wait_for_pairs(gw, 600)
     assert s["n"] == 600
-    pairs = read_pairs(pair_log)
+    pairs = read_pairs(pair_log, 600)
     assert len(pairs) == 600
     assert {p["shadow"] for p in pairs} == {"v3"} and {p["metric"] for p in pairs} == {
         "json:/score"
@@ -131,6 +137,28 @@ def test_slow_shadow_never_delays_the_primary(
     assert len(mirrored) == 40
     assert answered_at < min(line["ts"] for line in mirrored)
     assert s["mean_diff"] > 1500  # shadow_ms - primary_ms: the shadow's 2 s show in the test
+
+
+def test_a_shadow_that_answers_first_waits_for_the_primary_and_pairs(
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    primary = model_server("v1", latency_ms=300)
+    shadow = model_server("v3")
+    pair_log = tmp_path / "pairs.jsonl"
+    gw = gateway_server(
+        shadow_doc(primary.url, shadow.url, metric="latency_ms"),
+        settings={"shadow": {"pair_log": str(pair_log)}},
+        env=TOKENS,
+    )
+    answers = post_bodies(gw.url, 16)
+    assert all(r.status_code == 200 and r.json()["model"] == "v1" for r, _ in answers)
+    s = wait_for_pairs(gw, 16)
+    assert s["n"] == 16
+    assert s["mean_diff"] < -250  # shadow_ms - primary_ms: the primary's 300 ms show
+    pairs = read_pairs(pair_log, 16)
+    assert len(pairs) == 16 and all(p["primary_ms"] >= 300 for p in pairs)
 
 
 def test_shadow_down_leaves_primary_untouched_and_counts_errors(

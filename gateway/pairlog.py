@@ -1,0 +1,132 @@
+"""Where the shadow's pair lines go: logger `gateway.shadow`, one JSON line each (DESIGN 6).
+
+By default the lines go to standard output, or to the file `shadow.pair_log` names, through
+`PairLines`: a handler that keeps them and writes them in one call at most `FLUSH_S` later
+(or at once when `MAX_BUFFERED` are waiting, and at shutdown). Through `logging` and a write
+each, a line cost ~64,000 instructions and a system call, where a whole mirrored request costs
+~690,000 (bench/instructions.py); so `write_pair` hands it straight to that handler while the
+logger is set up as `configure_pair_log` left it. A handler or filter of the operator's on the
+logger sends every line through `logging` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import TextIO
+
+pair_log = logging.getLogger("gateway.shadow")
+log = logging.getLogger(__name__)
+
+FLUSH_S = 0.05
+MAX_BUFFERED = 1000
+
+
+class PairLines(logging.Handler):
+    """Writes the lines it is given in batches: one write per `FLUSH_S`, not one per line."""
+
+    def __init__(self, path: str | None) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self._path = path
+        self._file: TextIO | None = None
+        self._lines: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.add(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def add(self, line: str) -> None:
+        self.acquire()
+        try:
+            lines = self._lines
+            lines.append(line)
+            if len(lines) >= MAX_BUFFERED:
+                self._write()
+            elif self._flush_on is None or self._flush_on.is_closed():
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no event loop in this thread: nothing would call back
+                    self._write()
+                    return
+                self._flush_on = loop
+                loop.call_later(FLUSH_S, self.flush)
+        finally:
+            self.release()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._flush_on = None
+            self._write()
+        finally:
+            self.release()
+
+    def _write(self) -> None:
+        if not self._lines:
+            return
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        try:
+            stream = self._open()
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            # Reported like a failing logging handler, and never raised into the mirror.
+            log.exception("could not write %d pair line(s)", text.count("\n"))
+
+    def _open(self) -> TextIO:
+        if self._path is None:
+            return sys.stdout
+        if self._file is None:
+            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+        return self._file
+
+    def close(self) -> None:
+        # logging.config.dictConfig (uvicorn's log set-up) closes every handler there is; like
+        # logging.FileHandler, this one opens its file again for the next line.
+        self.acquire()
+        try:
+            self._write()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        finally:
+            self.release()
+        super().close()
+
+
+def configure_pair_log(path: str | None) -> None:
+    """Pair lines go to standard output, or to `path` (`shadow.pair_log`), as bare JSON lines."""
+    handler = PairLines(path or None)
+    for old in pair_log.handlers:
+        old.close()
+    pair_log.handlers[:] = [handler]
+    pair_log.setLevel(logging.INFO)
+    pair_log.propagate = False
+
+
+def write_pair(line: str) -> None:
+    """Log one pair line; straight into `PairLines` while it is the logger's only way out."""
+    handlers = pair_log.handlers
+    if (
+        len(handlers) == 1
+        and type(handler := handlers[0]) is PairLines
+        and not pair_log.filters
+        and not handler.filters
+        and handler.level <= logging.INFO
+        and pair_log.isEnabledFor(logging.INFO)
+    ):
+        handler.add(line)
+    else:
+        pair_log.info(line)
+
+
+def flush_pair_lines() -> None:
+    """Write out the lines waiting in the pair logger's handlers (at shutdown)."""
+    for handler in pair_log.handlers:
+        handler.flush()
