@@ -64,6 +64,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle counted")
     parser.add_argument(
+        "--keep", type=Path, default=None, help="keep the callgrind dumps here (callgrind_annotate)"
+    )
+    parser.add_argument(
         "--shadow-sample", type=float, default=None, help="the shadow's sample (0.1 in the row)"
     )
     args = parser.parse_args(argv)
@@ -86,7 +89,7 @@ def main(argv: list[str]) -> int:
                 tree = None if revision == "." else checkout(revision, Path(tmp) / f"tree-{i}")
                 if tree is not None:
                     stack.callback(git, "worktree", "remove", "--force", str(tree))
-                out = Path(tmp) / f"callgrind-{i}"
+                out = (args.keep or Path(tmp)) / f"callgrind-{i}"
                 launch = _under_callgrind(ROW, tree, out, args.shadow_sample)
                 count = Count(f"{i}: {revision}")
                 with _served(fleet, launch, urls) as (port, pid):
