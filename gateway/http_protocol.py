@@ -23,6 +23,11 @@ RESPOND_WHOLE = "gateway.respond_whole"
 # uvicorn's general path.
 _BODILESS = frozenset({*range(100, 200), 204, 304})
 _FRAMING = frozenset({b"transfer-encoding", b"connection"})
+# The bytes uvicorn's HEADER_RE and HEADER_VALUE_RE allow, for `bytes.translate`, which deletes
+# them: what is left is what the regular expressions would find. One pass in a C table lookup
+# instead of the regular expression engine's character-class test per byte.
+_NAME_BYTES = bytes(b for b in range(256) if not HEADER_RE.match(bytes([b])))
+_VALUE_BYTES = bytes(b for b in range(256) if not HEADER_VALUE_RE.match(bytes([b])))
 
 
 class _CoalescingTransport:
@@ -99,7 +104,8 @@ def respond_whole(
         names.append(name)
         values.append(value)
         content += (name, b": ", value, b"\r\n")
-    if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(values)):
+    bad_in_names = b"".join(names).translate(None, _NAME_BYTES)
+    if bad_in_names or b"".join(values).translate(None, _VALUE_BYTES):
         return False
     content.append(b"content-length: %d\r\n" % len(body))
     if not cycle.keep_alive:

@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 from conftest import UvicornHandle, raw_http
+from hypothesis import given
+from hypothesis import strategies as st
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
-from gateway.http_protocol import RESPOND_WHOLE, GatewayHttpProtocol
+from gateway.http_protocol import _NAME_BYTES, _VALUE_BYTES, RESPOND_WHOLE, GatewayHttpProtocol
 
 
 def test_a_complete_response_leaves_before_the_task_goes_on(
@@ -211,3 +214,9 @@ def test_whole_response_never_writes_a_head_that_could_be_split(
     received = _exchange(handle.port, b"GET " + path + b" HTTP/1.1\r\nhost: gw\r\n\r\n")
     assert answered == [False]
     assert b"stolen" not in received
+
+
+@given(st.binary(max_size=64))
+def test_the_bad_byte_tables_find_what_uvicorns_expressions_find(data: bytes) -> None:
+    assert bool(data.translate(None, _NAME_BYTES)) == bool(HEADER_RE.search(data))
+    assert bool(data.translate(None, _VALUE_BYTES)) == bool(HEADER_VALUE_RE.search(data))
