@@ -486,7 +486,9 @@ def _path_problem(scope: Scope) -> str | None:
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
     if not raw.startswith(b"/"):
         return "the request target must be a path starting with '/'"
-    if b"." not in raw and b"%" not in raw and b"\\" not in raw:
+    # find(), not `in`: CPython's `bytes in bytes` first tries the operand as an int and
+    # formats a TypeError it then discards, ~1,900 instructions each (callgrind).
+    if raw.find(b".") < 0 and raw.find(b"%") < 0 and raw.find(b"\\") < 0:
         return None
     decoded: str = scope["path"]
     twice = unquote(decoded) if "%" in decoded else decoded
