@@ -68,6 +68,8 @@ def main(argv: list[str]) -> int:
                 if tree is not None:
                     stack.callback(git, "worktree", "remove", "--force", str(tree))
                 row = ROW if tree is None else dataclasses.replace(ROW, launch=_from(tree, ROW))
+                # Each its own log: the pair lines of one must not land in another's file.
+                row = dataclasses.replace(row, name=f"{ROW.name}-{i}")
                 port, pid = stack.enter_context(running(row, fleet, upstreams))
                 assert pid is not None
                 contenders.append(Contender(f"{i}: {revision}", port, pid))
