@@ -64,9 +64,7 @@ def main(argv: list[str]) -> int:
             upstreams = start_upstreams(upstream, fleet, [ROW])
             contenders = []
             for i, revision in enumerate(args.revisions):
-                tree = None if revision == "." else checkout(revision, Path(tmp) / f"tree-{i}")
-                if tree is not None:
-                    stack.callback(git, "worktree", "remove", "--force", str(tree))
+                tree = worktree(revision, Path(tmp) / f"tree-{i}", stack)
                 row = ROW if tree is None else dataclasses.replace(ROW, launch=_from(tree, ROW))
                 # Each its own log: the pair lines of one must not land in another's file.
                 row = dataclasses.replace(row, name=f"{ROW.name}-{i}")
@@ -119,8 +117,12 @@ def _report(contenders: list[Contender], args: argparse.Namespace) -> None:
         print(f"| {c.label} | {c.requests:,} | {user:.1f} | {system:.1f} | {user + system:.1f} |")
 
 
-def checkout(revision: str, where: Path) -> Path:
+def worktree(revision: str, where: Path, stack: contextlib.ExitStack) -> Path | None:
+    """`revision` checked out at `where` until `stack` closes; None for `.` (the working tree)."""
+    if revision == ".":
+        return None
     git("worktree", "add", "--detach", str(where), revision)
+    stack.callback(git, "worktree", "remove", "--force", str(where))
     return where
 
 

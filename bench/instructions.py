@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ab import checkout, git
+from ab import worktree
 from processes import Fleet, StartError, wait_settled
 from rows import GATEWAY, PYTHON, ROWS, USERS, Launcher, Row, Spot
 from run import choose_upstream, start_upstreams
@@ -86,9 +86,7 @@ def main(argv: list[str]) -> int:
             upstreams = start_upstreams(upstream, fleet, [ROW])
             urls = {role: f"http://127.0.0.1:{port}" for role, port in upstreams.items()}
             for i, revision in enumerate(args.revisions):
-                tree = None if revision == "." else checkout(revision, Path(tmp) / f"tree-{i}")
-                if tree is not None:
-                    stack.callback(git, "worktree", "remove", "--force", str(tree))
+                tree = worktree(revision, Path(tmp) / f"tree-{i}", stack)
                 out = (args.keep or Path(tmp)) / f"callgrind-{i}"
                 launch = _under_callgrind(ROW, tree, out, args.shadow_sample)
                 count = Count(f"{i}: {revision}")

@@ -60,6 +60,19 @@ def wait_for_pairs(gw: Any, n: int, timeout_s: float = 20) -> dict[str, Any]:
         time.sleep(0.1)
 
 
+def with_pair_log(
+    gateway_server: Callable[..., Any], primary: Any, shadow: Any, metric: str, tmp_path: Path
+) -> tuple[Any, Path]:
+    """A gateway mirroring every request from `primary` to `shadow`, its pair log a file."""
+    pair_log = tmp_path / "pairs.jsonl"
+    gw = gateway_server(
+        shadow_doc(primary.url, shadow.url, metric=metric),
+        settings={"shadow": {"pair_log": str(pair_log)}},
+        env=TOKENS,
+    )
+    return gw, pair_log
+
+
 def read_pairs(path: Path, n: int = 0, timeout_s: float = 5) -> list[dict[str, Any]]:
     """The JSON lines of `path`, once there are `n`: the gateway writes its pair log in batches."""
     deadline = time.monotonic() + timeout_s
@@ -80,12 +93,7 @@ def test_paired_ttest_finds_a_score_offset_and_matches_scipy(
 ) -> None:
     primary = model_server("v1", seed=11)
     shadow = model_server("v3", seed=29, score_offset=offset)
-    pair_log = tmp_path / "pairs.jsonl"
-    gw = gateway_server(
-        shadow_doc(primary.url, shadow.url, metric="json:/score"),
-        settings={"shadow": {"pair_log": str(pair_log)}},
-        env=TOKENS,
-    )
+    gw, pair_log = with_pair_log(gateway_server, primary, shadow, "json:/score", tmp_path)
     answers = post_bodies(gw.url, 600)
     assert all(r.status_code == 200 and r.json()["model"] == "v1" for r, _ in answers)
     s = wait_for_pairs(gw, 600)
@@ -146,12 +154,7 @@ def test_a_shadow_that_answers_first_waits_for_the_primary_and_pairs(
 ) -> None:
     primary = model_server("v1", latency_ms=300)
     shadow = model_server("v3")
-    pair_log = tmp_path / "pairs.jsonl"
-    gw = gateway_server(
-        shadow_doc(primary.url, shadow.url, metric="latency_ms"),
-        settings={"shadow": {"pair_log": str(pair_log)}},
-        env=TOKENS,
-    )
+    gw, pair_log = with_pair_log(gateway_server, primary, shadow, "latency_ms", tmp_path)
     answers = post_bodies(gw.url, 16)
     assert all(r.status_code == 200 and r.json()["model"] == "v1" for r, _ in answers)
     s = wait_for_pairs(gw, 16)
