@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ab import worktree
-from processes import Fleet, StartError, wait_settled
+from processes import Fleet, StartError, free_port, wait_settled
 from rows import GATEWAY, PYTHON, ROWS, USERS, Launcher, Row, Spot
 from run import choose_upstream, start_upstreams
 
@@ -138,8 +138,6 @@ def _set_shadow_sample(argv: list[str], sample: float) -> None:
 
 @contextlib.contextmanager
 def _served(fleet: Fleet, launch: Launcher, urls: dict[str, str]) -> Iterator[tuple[int, int]]:
-    from processes import free_port
-
     port = free_port()
     spot = Spot(port, urls["stable"], fleet.workdir, canary=urls["canary"], shadow=urls["shadow"])
     child = fleet.start(ROW.name, launch(spot), port=port, timeout_s=300.0)

@@ -30,7 +30,9 @@ def log_file(tmp_path: Path) -> Iterator[Path]:
     yield path
     for handler in pair_log.handlers:
         handler.close()
-    pair_log.handlers[:] = []
+    pair_log.handlers[:] = []  # as it was before configure_pair_log
+    pair_log.setLevel(logging.NOTSET)
+    pair_log.propagate = True
 
 
 def lines(path: Path) -> list[int]:
