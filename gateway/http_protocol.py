@@ -64,6 +64,11 @@ class _CoalescingTransport:
         self.flush()
         self._transport.close()
 
+    def is_closing(self) -> bool:
+        # Asked once per response (uvicorn's on_response_complete). Through __getattr__ each
+        # call would first fail the ordinary lookup, formatting an AttributeError it drops.
+        return self._transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
