@@ -19,6 +19,7 @@ import dataclasses
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +56,12 @@ def main(argv: list[str]) -> int:
     upstream = choose_upstream("auto")
     if upstream is None:
         return 1
-    with (
-        tempfile.TemporaryDirectory(prefix="gateway-ab-") as tmp,
-        Fleet(Path(tmp)) as fleet,
-        contextlib.ExitStack() as stack,
-    ):
+    with workspace("gateway-ab-") as (tmp, fleet, stack):
         try:
             upstreams = start_upstreams(upstream, fleet, [ROW])
             contenders = []
             for i, revision in enumerate(args.revisions):
-                tree = worktree(revision, Path(tmp) / f"tree-{i}", stack)
+                tree = worktree(revision, tmp / f"tree-{i}", stack)
                 row = ROW if tree is None else dataclasses.replace(ROW, launch=_from(tree, ROW))
                 # Each its own log: the pair lines of one must not land in another's file.
                 row = dataclasses.replace(row, name=f"{ROW.name}-{i}")
@@ -115,6 +112,18 @@ def _report(contenders: list[Contender], args: argparse.Namespace) -> None:
     for c in contenders:
         user, system = c.user_s / c.requests * 1e6, c.system_s / c.requests * 1e6
         print(f"| {c.label} | {c.requests:,} | {user:.1f} | {system:.1f} | {user + system:.1f} |")
+
+
+@contextlib.contextmanager
+def workspace(prefix: str) -> Iterator[tuple[Path, Fleet, contextlib.ExitStack]]:
+    """A temporary directory, the processes started in it, and a stack of clean-ups (rows,
+    worktrees), undone on leaving: the stack first, then the processes, then the directory."""
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
+        Fleet(Path(tmp)) as fleet,
+        contextlib.ExitStack() as stack,
+    ):
+        yield Path(tmp), fleet, stack
 
 
 def worktree(revision: str, where: Path, stack: contextlib.ExitStack) -> Path | None:

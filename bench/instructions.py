@@ -27,14 +27,13 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ab import worktree
+from ab import workspace, worktree
 from processes import Fleet, StartError, free_port, wait_settled
 from rows import GATEWAY, PYTHON, ROWS, USERS, Launcher, Row, Spot
 from run import choose_upstream, start_upstreams
@@ -77,17 +76,13 @@ def main(argv: list[str]) -> int:
     if upstream is None:
         return 1
     counts = []
-    with (
-        tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp,
-        Fleet(Path(tmp)) as fleet,
-        contextlib.ExitStack() as stack,
-    ):
+    with workspace("gateway-instructions-") as (tmp, fleet, stack):
         try:
             upstreams = start_upstreams(upstream, fleet, [ROW])
             urls = {role: f"http://127.0.0.1:{port}" for role, port in upstreams.items()}
             for i, revision in enumerate(args.revisions):
-                tree = worktree(revision, Path(tmp) / f"tree-{i}", stack)
-                out = (args.keep or Path(tmp)) / f"callgrind-{i}"
+                tree = worktree(revision, tmp / f"tree-{i}", stack)
+                out = (args.keep or tmp) / f"callgrind-{i}"
                 launch = _under_callgrind(ROW, tree, out, args.shadow_sample)
                 count = Count(f"{i}: {revision}")
                 with _served(fleet, launch, urls) as (port, pid):
