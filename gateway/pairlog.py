@@ -14,23 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import TextIO
 
 pair_log = logging.getLogger("gateway.shadow")
-log = logging.getLogger(__name__)
 
 FLUSH_S = 0.05
 MAX_BUFFERED = 1000
 
 
 class PairLines(logging.Handler):
-    """Writes the lines it is given in batches: one write per `FLUSH_S`, not one per line."""
+    """Hands the lines it is given to `target` in batches: one record per `FLUSH_S`, not one
+    per line. The target is the standard library's: it opens, writes, flushes, reopens a
+    file that `logging.config.dictConfig` (uvicorn's log set-up) closed, and reports a write
+    that fails."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, target: logging.Handler) -> None:
         super().__init__()
         self.setFormatter(logging.Formatter("%(message)s"))
-        self._path = path
-        self._file: TextIO | None = None
+        self._target = target
         self._lines: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
 
@@ -67,45 +67,26 @@ class PairLines(logging.Handler):
             self.release()
 
     def _write(self) -> None:
-        if not self._lines:
-            return
-        text = "\n".join(self._lines) + "\n"
-        self._lines.clear()
-        try:
-            stream = self._open()
-            stream.write(text)
-            stream.flush()
-        except (OSError, ValueError):
-            # Reported like a failing logging handler, and never raised into the mirror.
-            log.exception("could not write %d pair line(s)", text.count("\n"))
-
-    def _open(self) -> TextIO:
-        if self._path is None:
-            return sys.stdout
-        if self._file is None:
-            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
-        return self._file
+        if self._lines:
+            batch = "\n".join(self._lines)
+            self._lines.clear()
+            self._target.handle(logging.makeLogRecord({"name": pair_log.name, "msg": batch}))
 
     def close(self) -> None:
-        # logging.config.dictConfig (uvicorn's log set-up) closes every handler there is; like
-        # logging.FileHandler, this one opens its file again for the next line.
-        self.acquire()
-        try:
-            self._write()
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-        finally:
-            self.release()
+        self.flush()
+        self._target.close()
         super().close()
 
 
 def configure_pair_log(path: str | None) -> None:
     """Pair lines go to standard output, or to `path` (`shadow.pair_log`), as bare JSON lines."""
-    handler = PairLines(path or None)
+    target: logging.Handler = (
+        logging.FileHandler(path, delay=True) if path else logging.StreamHandler(sys.stdout)
+    )
+    target.setFormatter(logging.Formatter("%(message)s"))
     for old in pair_log.handlers:
         old.close()
-    pair_log.handlers[:] = [handler]
+    pair_log.handlers[:] = [PairLines(target)]
     pair_log.setLevel(logging.INFO)
     pair_log.propagate = False
 
