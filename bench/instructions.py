@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import http.client
 import itertools
-import json
 import shutil
 import subprocess
 import sys
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ab import workspace, worktree
 from processes import Fleet, StartError, free_port, wait_settled
-from rows import GATEWAY, PYTHON, ROWS, USERS, Launcher, Row, Spot
+from rows import GATEWAY, PYTHON, ROWS, USERS, Launcher, Row, Spot, gateway_serve
 from run import choose_upstream, start_upstreams
 
 ROW = next(row for row in ROWS if row.name == "gateway-all")
@@ -80,10 +80,14 @@ def main(argv: list[str]) -> int:
         try:
             upstreams = start_upstreams(upstream, fleet, [ROW])
             urls = {role: f"http://127.0.0.1:{port}" for role, port in upstreams.items()}
+            row = ROW
+            if args.shadow_sample is not None:
+                sampled = gateway_serve(features=True, shadow_sample=args.shadow_sample)
+                row = dataclasses.replace(ROW, launch=sampled)
             for i, revision in enumerate(args.revisions):
                 tree = worktree(revision, tmp / f"tree-{i}", stack)
                 out = (args.keep or tmp) / f"callgrind-{i}"
-                launch = _under_callgrind(ROW, tree, out, args.shadow_sample)
+                launch = _under_callgrind(row, tree, out)
                 count = Count(f"{i}: {revision}")
                 with _served(fleet, launch, urls) as (port, pid):
                     _measure(count, port, pid, out, args)
@@ -100,15 +104,13 @@ class CountError(Exception):
     """callgrind_control failed, wrote no dump, or the gateway answered an error."""
 
 
-def _under_callgrind(row: Row, tree: Path | None, out: Path, sample: float | None) -> Launcher:
+def _under_callgrind(row: Row, tree: Path | None, out: Path) -> Launcher:
     """`row`'s command run by python under callgrind, with `tree` first on the path."""
     assert row.launch is not None
     launch = row.launch
 
     def command(spot: Spot) -> list[str]:
         argv = launch(spot)
-        if sample is not None:
-            _set_shadow_sample(argv, sample)
         # `gateway` is a script: valgrind runs its interpreter, with the script as argument.
         assert argv[0] == str(GATEWAY)
         valgrind = [
@@ -121,14 +123,6 @@ def _under_callgrind(row: Row, tree: Path | None, out: Path, sample: float | Non
         return [*env, *valgrind, str(PYTHON), str(GATEWAY), *argv[1:]]
 
     return command
-
-
-def _set_shadow_sample(argv: list[str], sample: float) -> None:
-    flags = Path(argv[argv.index("--flags") + 1])
-    document = json.loads(flags.read_text())
-    for shadow in document["flags"][0]["shadows"]:
-        shadow["sample"] = sample
-    flags.write_text(json.dumps(document, indent=2))
 
 
 @contextlib.contextmanager

@@ -164,12 +164,13 @@ def redis_server(spot: Spot) -> list[str]:
     ]
 
 
-def bench_flag(spot: Spot, *, features: bool) -> dict[str, Any]:
+def bench_flag(spot: Spot, *, features: bool, shadow_sample: float = 0.1) -> dict[str, Any]:
     """The one flag of a gateway row: stable only, or every feature on the request path.
 
     With `features`: a canary at weight 0.5 (one step held for a day, so it neither advances
     nor promotes during the bench), the default guard (SPRT on canary errors), metrics as
-    always, and a shadow on a third upstream sampling 10 % of requests. Units come from the
+    always, and a shadow on a third upstream sampling `shadow_sample` of requests (10 %). Units
+    come from the
     default `x-user-id` header, which the row's load sends (`Row(users=True)`).
     """
     flag: dict[str, Any] = {"key": "bench", "route": {"path_prefix": "/"}}
@@ -178,7 +179,7 @@ def bench_flag(spot: Spot, *, features: bool) -> dict[str, Any]:
         flag["canary"] = {"name": "v2", "upstream": spot.canary}
         flag["schedule"] = {"kind": "step", "steps": [{"weight": 0.5, "hold": "24h"}]}
         flag["shadows"] = [
-            {"name": "v3", "upstream": spot.shadow, "sample": 0.1, "metric": "latency_ms"}
+            {"name": "v3", "upstream": spot.shadow, "sample": shadow_sample, "metric": "latency_ms"}
         ]
     return flag
 
@@ -188,6 +189,7 @@ def gateway_serve(
     workers: int | None = None,
     settings: Mapping[str, Any] | None = None,
     features: bool = False,
+    shadow_sample: float = 0.1,
 ) -> Launcher:
     """`gateway serve` with one flag routing everything to the upstream (see `bench_flag`).
 
@@ -200,7 +202,7 @@ def gateway_serve(
         workdir = spot.workdir / f"gateway-{spot.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         flags = workdir / "flags.json"  # JSON is YAML: the flags loader reads either
-        flag = bench_flag(spot, features=features)
+        flag = bench_flag(spot, features=features, shadow_sample=shadow_sample)
         flags.write_text(json.dumps({"flags": [flag]}, indent=2))
         argv = [str(GATEWAY), "serve", "--flags", str(flags)]
         argv += ["--port", str(spot.port), "--admin-port", str(free_port())]
