@@ -1,5 +1,6 @@
 """A served gateway freezes its start-up heap, and scipy's once the shadow tests load it
-(gateway/heap.py): full collections then walk only what came later.
+(gateway/heap.py): full collections then walk only what came later. Young collections run
+less often than CPython's default.
 
 Run in a child interpreter: freezing is per process, and the test process's heap is not ours
 to freeze. The child serves a real gateway with `serve_gateway` (uvicorn, memory store, a flag
@@ -8,12 +9,15 @@ with a shadow so the statistics are preloaded) and reports what the collector sa
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import flag_doc, free_port
+
+from gateway.heap import YOUNG_THRESHOLD
 
 CHILD = """
 import asyncio, gc, json, os, signal, sys
@@ -29,6 +33,7 @@ async def watch():
     while gc.get_freeze_count() == 0:
         await asyncio.sleep(0.005)
     seen["after_startup"] = gc.get_freeze_count()
+    seen["threshold"] = gc.get_threshold()
     seen["scipy_loaded_at_startup"] = "scipy.stats" in sys.modules
     preloaded = asyncio.get_running_loop().create_future()
     freeze = gateway.after_preload
@@ -74,6 +79,8 @@ def test_serving_freezes_the_startup_heap_and_the_preloaded_statistics(tmp_path:
     # Start-up alone leaves tens of thousands of objects (pydantic, uvicorn, prometheus-client).
     assert seen["after_startup"] > 20_000, seen
     assert not seen["scipy_loaded_at_startup"], seen
+    # Young collections are rarer than CPython's default; the older generations keep theirs.
+    assert seen["threshold"] == [YOUNG_THRESHOLD, *gc.get_threshold()[1:]], seen
     # scipy.stats adds tens of thousands more, frozen once the preload is done.
     assert seen["after_preload"] > seen["after_startup"] + 10_000, seen
     # What a full collection still walks is what came after, not the process's whole life.
