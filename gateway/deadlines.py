@@ -1,0 +1,114 @@
+"""Many timers of one delay on one event-loop timer: cheap to start and to stop.
+
+Each proxied request used to arm three timers: aiohttp's read timeout (set when the request
+is written, set again when the answer arrives, cancelled at its end) and the proxy's
+watcher for a client that leaves. Nearly all of them are stopped before they fire, and
+each `call_later` and `cancel` costs the loop a timer handle and a libuv timer: together
+~23,000 of the ~418,000 instructions of a gateway-all request (bench/RESULTS.md).
+
+Here a timer is an entry in the dict of the time slice it falls due in: starting it is a
+dict store, stopping it a dict pop. One loop timer, armed for the earliest slice while
+any slice is waiting, fires a whole slice at once. A timer therefore fires between `delay_s`
+and `delay_s + resolution_s` after it started, never before; nothing is armed while none
+are waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+# libuv keeps time in milliseconds, so the loop may run a timer up to 1 ms before the float
+# time it was given; a slice counts as due from then on rather than be armed for again.
+_EARLY_S = 0.001
+
+
+class Deadlines(Generic[K, V]):
+    """Timers that each call `on_due(key, value)` once `delay_s` has passed, unless stopped.
+
+    A key is one timer: start it again only after it fired or was stopped. The timers run
+    on the event loop that was running when the first of them was started after an idle
+    spell.
+    """
+
+    __slots__ = ("_delay_s", "_loop", "_on_due", "_per_s", "_slices", "_timer")
+
+    def __init__(
+        self, delay_s: float, on_due: Callable[[K, V], object], *, resolution_s: float
+    ) -> None:
+        if delay_s <= 0 or resolution_s <= 0:
+            raise ValueError("delay_s and resolution_s must be > 0")
+        self._delay_s = delay_s
+        self._per_s = 1.0 / resolution_s
+        self._on_due = on_due
+        self._slices: deque[tuple[int, dict[K, V]]] = deque()  # (slice number, its timers)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def delay_s(self) -> float:
+        return self._delay_s
+
+    @property
+    def armed(self) -> bool:
+        """Whether a loop timer is set: only while some slice is waiting."""
+        return self._timer is not None
+
+    def __len__(self) -> int:
+        """Timers started and not yet fired or stopped."""
+        return sum(len(timers) for _, timers in self._slices)
+
+    def start(self, key: K, value: V) -> dict[K, V]:
+        """Start `key`'s timer; keep the returned slice to stop it with."""
+        loop = self._loop
+        if loop is None or self._timer is None:
+            loop = self._loop = asyncio.get_running_loop()
+        # The first slice that ends after the deadline: the timer never fires early.
+        number = int((loop.time() + self._delay_s) * self._per_s) + 1
+        slices = self._slices
+        if slices and slices[-1][0] == number:
+            timers = slices[-1][1]
+        else:
+            timers = {}
+            slices.append((number, timers))  # the delay is fixed, so slices come in order
+            if self._timer is None:
+                self._timer = loop.call_at(number / self._per_s, self._fire)
+        timers[key] = value
+        return timers
+
+    @staticmethod
+    def stop(key: K, timers: dict[K, V]) -> None:
+        """Stop `key`'s timer, started into `timers`; nothing happens if it already fired."""
+        timers.pop(key, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        now = (loop.time() + _EARLY_S) * self._per_s
+        slices, on_due = self._slices, self._on_due
+        while slices and slices[0][0] <= now:
+            timers = slices.popleft()[1]
+            while timers:  # a callback may stop other timers of its slice
+                key, value = timers.popitem()
+                try:
+                    on_due(key, value)
+                except Exception:
+                    log.exception("a timer's callback failed")
+        if slices:
+            self._timer = loop.call_at(slices[0][0] / self._per_s, self._fire)
+
+    def close(self) -> None:
+        """Drop every timer without firing it, and the loop timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._slices.clear()

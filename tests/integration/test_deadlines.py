@@ -1,0 +1,134 @@
+"""`Deadlines` (gateway/deadlines.py) on a real uvloop event loop: every timer that is not
+stopped fires once, not before its delay, and a stopped one never fires.
+
+Times are read from the loop's own clock, which libuv keeps in whole milliseconds, so "not
+before" allows that millisecond. Nothing here bounds how late a timer fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import pytest
+import uvloop
+
+from gateway.deadlines import Deadlines
+
+MS = 0.001
+
+
+def test_every_timer_not_stopped_fires_once_and_not_before_its_delay() -> None:
+    delay = 0.02
+    started: dict[int, float] = {}
+    fired: list[tuple[int, float]] = []
+    stopped: set[int] = set()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        all_fired = asyncio.Event()
+
+        def on_due(key: int, _: float) -> None:
+            fired.append((key, loop.time()))
+            if not len(deadlines):
+                all_fired.set()
+
+        deadlines: Deadlines[int, float] = Deadlines(delay, on_due, resolution_s=0.005)
+        rng = random.Random(7)
+        pending: dict[int, dict[int, float]] = {}
+        for key in range(600):
+            started[key] = loop.time()
+            pending[key] = deadlines.start(key, started[key])
+            if rng.random() < 0.5 and pending:  # stop some timer still waiting, or fired
+                victim = rng.choice(list(pending))
+                deadlines.stop(victim, pending.pop(victim))
+                if victim not in {k for k, _ in fired}:
+                    stopped.add(victim)
+            await asyncio.sleep(rng.choice([0, 0, 0.001, 0.003]))
+        all_fired.clear()  # it may have been set while timers were still being started
+        if len(deadlines):
+            await asyncio.wait_for(all_fired.wait(), timeout=10)
+        # Slices left empty by stopped timers are due by now too; then nothing stays armed.
+        await asyncio.sleep(delay + 0.005 + 0.02)
+        assert not deadlines.armed
+
+    uvloop.run(main())
+    keys = [key for key, _ in fired]
+    assert len(keys) == len(set(keys)), "a timer fired twice"
+    assert set(keys) == set(started) - stopped
+    assert stopped, "the run stopped no timer before it fired"
+    early = [(key, at - started[key]) for key, at in fired if at < started[key] + delay - MS]
+    assert early == []
+
+
+def test_a_stopped_timer_does_not_fire_and_stopping_a_fired_one_does_nothing() -> None:
+    fired: list[str] = []
+
+    async def main() -> None:
+        deadlines: Deadlines[str, None] = Deadlines(
+            0.01, lambda key, _: fired.append(key), resolution_s=0.005
+        )
+        kept = deadlines.start("kept", None)
+        dropped = deadlines.start("dropped", None)
+        deadlines.stop("dropped", dropped)
+        assert len(deadlines) == 1
+        await asyncio.sleep(0.05)
+        deadlines.stop("kept", kept)  # already fired
+        again = deadlines.start("kept", None)  # a key may start again once it fired
+        await asyncio.sleep(0.05)
+        deadlines.stop("kept", again)
+
+    uvloop.run(main())
+    assert fired == ["kept", "kept"]
+
+
+def test_a_callback_may_stop_another_timer_of_its_slice(caplog: pytest.LogCaptureFixture) -> None:
+    """Timers of one slice fire together; one that stops a later one of the same slice wins,
+    and one that raises does not keep the others from firing."""
+    fired: list[str] = []
+    slices: dict[str, dict[str, None]] = {}
+
+    def on_due(key: str, _: None) -> None:
+        fired.append(key)
+        if key == "boom":
+            raise RuntimeError("callback failed")
+        other = "b" if key == "a" else "a"
+        Deadlines.stop(other, slices[other])
+
+    async def main() -> None:
+        deadlines: Deadlines[str, None] = Deadlines(0.01, on_due, resolution_s=1.0)
+        for key in ("boom", "a", "b"):  # one slice: the resolution is far above the delay
+            slices[key] = deadlines.start(key, None)
+        assert slices["a"] is slices["b"] is slices["boom"]
+        await asyncio.sleep(1.1)
+
+    with caplog.at_level(logging.ERROR, logger="gateway.deadlines"):
+        uvloop.run(main())
+    assert sorted(fired) in (["a", "boom"], ["b", "boom"]), fired
+    assert "a timer's callback failed" in caplog.text
+
+
+def test_close_drops_every_timer_and_the_loop_timer() -> None:
+    fired: list[int] = []
+
+    async def main() -> None:
+        deadlines: Deadlines[int, None] = Deadlines(
+            0.01, lambda key, _: fired.append(key), resolution_s=0.005
+        )
+        for key in range(10):
+            deadlines.start(key, None)
+        assert deadlines.armed
+        deadlines.close()
+        assert (len(deadlines), deadlines.armed) == (0, False)
+        await asyncio.sleep(0.05)
+
+    uvloop.run(main())
+    assert fired == []
+
+
+def test_delay_and_resolution_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        Deadlines(0, lambda key, value: None, resolution_s=0.1)
+    with pytest.raises(ValueError, match="must be > 0"):
+        Deadlines(1.0, lambda key, value: None, resolution_s=0)
