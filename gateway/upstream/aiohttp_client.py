@@ -10,6 +10,10 @@ request, response, cookie, redirect, trace and middleware objects that a proxy d
 ~140 of the ~245 us of CPU a bare proxied request costs in-process here (bench/RESULTS.md).
 A streamed request body goes through `ClientSession.request`, which writes it while the
 response may already be arriving.
+
+`set_response_params` makes a new C response parser (~11,000 instructions, bench/RESULTS.md).
+A parser is left at a message's end when its connection goes back to the pool, so the one
+set on a connection serves its next responses too, unless something else replaced it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # What aiohttp raises from the wire, and what a read timeout raises.
 _FAILURES = (asyncio.TimeoutError, aiohttp.ClientError, OSError, HttpProcessingError)
+# Where a connection's protocol keeps the parser the direct way set on it (see `_exchange`).
+_OWN_PARSER = "_gateway_parser"
 
 
 class _Route:
@@ -172,12 +178,16 @@ class AiohttpClient:
         protocol, transport = connection.protocol, connection.transport
         if protocol is None or transport is None:
             raise aiohttp.ServerDisconnectedError()
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,  # a body with neither length nor chunks ends with the connection
-            auto_decompress=False,
-            read_timeout=self._read_timeout_s,
-        )
+        parser = getattr(protocol, "_parser", None)
+        if method == "HEAD" or parser is None or parser is not getattr(protocol, _OWN_PARSER, None):
+            protocol.set_response_params(
+                skip_payload=method == "HEAD",
+                read_until_eof=True,  # a body with neither length nor chunks ends with it
+                auto_decompress=False,
+                read_timeout=self._read_timeout_s,
+            )
+            # A parser for HEAD expects no bodies; a ClientSession request sets its own.
+            setattr(protocol, _OWN_PARSER, None if method == "HEAD" else protocol._parser)
         transport.write(message)
         protocol.start_timeout()
         while True:
