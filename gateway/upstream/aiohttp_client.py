@@ -11,9 +11,13 @@ request, response, cookie, redirect, trace and middleware objects that a proxy d
 A streamed request body goes through `ClientSession.request`, which writes it while the
 response may already be arriving.
 
-`set_response_params` makes a new C response parser (~11,000 instructions, bench/RESULTS.md).
-A parser is left at a message's end when its connection goes back to the pool, so the one
-set on a connection serves its next responses too, unless something else replaced it.
+Two more of aiohttp's per-exchange costs are left out on the direct way (bench/RESULTS.md):
+- `set_response_params` makes a new C response parser each time (~11,000 instructions). A
+  parser is left at a message's end when its connection goes back to the pool, so the one
+  set on a connection serves its next responses too, unless something else replaced it.
+- aiohttp's read timeout arms a loop timer when the request is written and again at every
+  arrival, and a whole answer usually arrives at once. The wait for the response head is
+  timed with a `Deadlines` instead; aiohttp's timer watches only a body still arriving.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from yarl import URL
 
+from gateway.deadlines import Deadlines
 from gateway.errors import UpstreamConnectError, UpstreamTimeout
 from gateway.upstream.base import Body, Origin
 
@@ -130,6 +136,9 @@ class AiohttpClient:
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         )
         self._read_timeout_s = read_timeout_s
+        self._head_deadlines: Deadlines[ResponseHandler, None] = Deadlines(
+            read_timeout_s, _head_timed_out, resolution_s=min(read_timeout_s / 10, 0.5)
+        )
         self._routes: dict[Origin, _Route] = {}
         self._session = aiohttp.ClientSession(
             connector=self._connector,
@@ -184,17 +193,28 @@ class AiohttpClient:
                 skip_payload=method == "HEAD",
                 read_until_eof=True,  # a body with neither length nor chunks ends with it
                 auto_decompress=False,
-                read_timeout=self._read_timeout_s,
             )
             # A parser for HEAD expects no bodies; a ClientSession request sets its own.
             setattr(protocol, _OWN_PARSER, None if method == "HEAD" else protocol._parser)
+        elif protocol.read_timeout is not None:
+            protocol.read_timeout = None  # set below for the previous response's body
         transport.write(message)
-        protocol.start_timeout()
-        while True:
-            response, payload = await protocol.read()
-            # 1xx interim responses (100 Continue, 103 Early Hints) precede the real one.
-            if not 100 <= response.code <= 199 or response.code == 101:
-                return _DirectResponse(connection, response.code, response.raw_headers, payload)
+        deadlines = self._head_deadlines
+        timers = deadlines.start(protocol, None)
+        try:
+            while True:
+                response, payload = await protocol.read()
+                # 1xx interim responses (100 Continue, 103 Early Hints) precede the real one.
+                if not 100 <= response.code <= 199 or response.code == 101:
+                    break
+        finally:
+            deadlines.stop(protocol, timers)
+        if not payload.is_eof():
+            # The rest of the body is on its way: each wait for more of it gets the read
+            # timeout, from aiohttp's timer, as on the ClientSession way.
+            protocol.read_timeout = self._read_timeout_s
+            protocol.start_timeout()
+        return _DirectResponse(connection, response.code, response.raw_headers, payload)
 
     async def _send_streamed(
         self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
@@ -209,6 +229,7 @@ class AiohttpClient:
         return _SessionResponse(response)
 
     async def aclose(self) -> None:
+        self._head_deadlines.close()
         await self._session.close()  # and the connector it owns
 
 
@@ -226,6 +247,11 @@ def _request_head(
         length = "" if method in _NO_BODY_METHODS else "Content-Length: 0\r\n"
     start = f"{method} {route.path_prefix}{target} HTTP/1.1\r\nHost: {route.host}\r\n"
     return f"{start}{fields}{length}\r\n".encode("latin-1")
+
+
+def _head_timed_out(protocol: ResponseHandler, _: None) -> None:
+    # What aiohttp's own read timeout raises: the exchange's `protocol.read()` raises it.
+    protocol.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
 
 
 def _translate(exc: BaseException) -> UpstreamConnectError | UpstreamTimeout:

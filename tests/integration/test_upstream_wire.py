@@ -199,6 +199,79 @@ def test_head_answer_without_body_is_complete_and_the_connection_is_reused(
     assert [s.connection for s in up.seen] == [0, 0]
 
 
+def chunked(*chunks: bytes) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_answers_of_every_framing_follow_one_another_on_one_connection(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    """The aiohttp client keeps one response parser per connection (gateway/upstream/
+    aiohttp_client.py): each answer must start clean after the one before, whatever framed it,
+    after a HEAD, and after a streamed request that went through aiohttp's ClientSession."""
+    script = [
+        ("GET", ok(b"length")),
+        ("GET", chunked(b"chun", b"ked")),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ("POST", ok(b"")),
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"),
+        ("GET", chunked(b"after head")),
+        ("PUT", ok(b"streamed")),  # a 2 MiB body: ClientSession's parser on this connection
+        ("GET", ok(b"last")),
+    ]
+    up = upstream(lambda seen: script[seen.index][1])
+    gw = _gateway(gateway_server, up.url, client)
+    got = []
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for method, _ in script:
+            body = (
+                b"x" * (2 * 1024 * 1024) if method == "PUT" else b"{}" if method == "POST" else None
+            )
+            r = c.request(method, "/v1/sentiment", content=body)
+            got.append((r.status_code, r.content))
+    assert got == [
+        (200, b"length"),
+        (200, b"chunked"),
+        (204, b""),
+        (200, b""),
+        (200, b""),
+        (200, b"after head"),
+        (200, b"streamed"),
+        (200, b"last"),
+    ]
+    assert [(s.connection, s.request_line.split()[0].decode()) for s in up.seen] == [
+        (0, method) for method, _ in script
+    ]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_body_that_stalls_after_the_head_is_cut_at_the_read_timeout(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    """The head arrived, so the client has its status line; the rest of the body never does.
+    The gateway ends the response short once the read timeout passes without more of it (it
+    cannot change the status any more), and the next request gets a new connection."""
+
+    def answer(seen: Seen) -> bytes:
+        if seen.connection == 0:
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\npart"  # then nothing
+        return ok(b"whole")
+
+    up = upstream(answer)
+    settings = {"upstream": {"client": client, "read_timeout_s": 0.3}}
+    gw = gateway_server(flag_doc(up.url, None), settings=settings)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        with c.stream("GET", "/v1/sentiment") as r:
+            assert r.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                r.read()
+        after = c.get("/v1/sentiment")
+    assert (after.status_code, after.content) == (200, b"whole")
+    assert [s.connection for s in up.seen] == [0, 1]
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 def test_connection_close_from_the_upstream_is_honoured(
     client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
