@@ -110,6 +110,7 @@ class Gateway:
             # Bounded: redis-py can swallow a cancellation, and shutdown must not hang on it.
             await asyncio.wait(self._tasks, timeout=5)
         self._tasks.clear()
+        self.proxy.close()
         with contextlib.suppress(Exception):
             await self.controller.drain()
             await self.mirror.drain(timeout_s=2.0)

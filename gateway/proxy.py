@@ -19,6 +19,7 @@ from urllib.parse import unquote
 import orjson
 
 from gateway.core.assignment import COOKIE_NAME, Assignment
+from gateway.deadlines import Deadlines
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.headers import forwarded_request_headers, response_headers
 from gateway.http_protocol import RESPOND_WHOLE
@@ -156,6 +157,13 @@ class Proxy:
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
         self.in_flight = 0
+        self._watch_after: Deadlines[_Exchange, asyncio.Task[Any]] = Deadlines(
+            WATCH_AFTER_S, _watch_client, resolution_s=WATCH_AFTER_S / 2
+        )
+
+    def close(self) -> None:
+        """Drop the client watches still waiting to start: the server has stopped."""
+        self._watch_after.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -232,13 +240,12 @@ class Proxy:
         # A client that leaves must stop its upstream request, whether we wait for the answer
         # or relay it. Only receive() tells, so a watcher task cancels this task when it says
         # the client left. Most exchanges are over before the watcher would be worth its
-        # task, so it starts only once the exchange has taken WATCH_AFTER_S. (A streamed
-        # request body reads receive() itself.)
+        # task, so it starts only once the exchange has taken WATCH_AFTER_S (up to half as
+        # long again: `Deadlines`). (A streamed request body reads receive() itself.)
         task = asyncio.current_task()
+        watch_after = self._watch_after
         arm_watcher = (
-            None
-            if isinstance(body, _StreamedBody) or task is None
-            else asyncio.get_running_loop().call_later(WATCH_AFTER_S, _watch_client, x, task)
+            None if isinstance(body, _StreamedBody) or task is None else watch_after.start(x, task)
         )
         try:
             await self._attempt(x, arm)
@@ -249,7 +256,7 @@ class Proxy:
         finally:
             x.finished = True
             if arm_watcher is not None:
-                arm_watcher.cancel()
+                watch_after.stop(x, arm_watcher)
             if x.watcher is not None:
                 x.watcher.cancel()
             if x.pairing is not None:
