@@ -12,7 +12,7 @@ A streamed request body goes through `ClientSession.request`, which writes it wh
 response may already be arriving.
 
 Two more of aiohttp's per-exchange costs are left out on the direct way (bench/RESULTS.md):
-- `set_response_params` makes a new C response parser each time (~11,000 instructions). A
+- `set_response_params` makes a new C response parser each time (~8,500 instructions). A
   parser is left at a message's end when its connection goes back to the pool, so the one
   set on a connection serves its next responses too, unless something else replaced it.
 - aiohttp's read timeout arms a loop timer when the request is written and again at every
