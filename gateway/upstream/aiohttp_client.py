@@ -23,11 +23,12 @@ Two more of aiohttp's per-exchange costs are left out on the direct way (bench/R
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest
+from aiohttp.client_reqrep import ClientRequest, ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
@@ -48,6 +49,15 @@ _FAILURES = (asyncio.TimeoutError, aiohttp.ClientError, OSError, HttpProcessingE
 _OWN_PARSER = "_gateway_parser"
 
 
+class _OriginRequest(ClientRequest):
+    """The request TCPConnector.connect() is given for one origin: its pool key is worked
+    out once, where aiohttp's property builds it again on every call."""
+
+    @functools.cached_property
+    def connection_key(self) -> ConnectionKey:
+        return super().connection_key
+
+
 class _Route:
     """What every request to one origin shares: the pool key and the Host header."""
 
@@ -59,7 +69,8 @@ class _Route:
         # TCPConnector.connect() takes a ClientRequest for the pool key, the TLS settings and
         # the address; one per origin serves every request to it.
         url = URL.build(scheme=origin.scheme, host=origin.host, port=origin.port)
-        self.key_request = ClientRequest("GET", url, loop=asyncio.get_running_loop(), ssl=True)
+        loop = asyncio.get_running_loop()
+        self.key_request = _OriginRequest("GET", url, loop=loop, ssl=True)
 
 
 class _DirectResponse:
