@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import (
@@ -30,11 +31,16 @@ _NAME_BYTES = bytes(b for b in range(256) if not HEADER_RE.match(bytes([b])))
 _VALUE_BYTES = bytes(b for b in range(256) if not HEADER_VALUE_RE.match(bytes([b])))
 
 
-class _CoalescingTransport:
+class _CoalescingTransport(asyncio.Transport):
     """uvicorn writes a response's head and its body with two `transport.write` calls: two
     send() system calls and two TCP segments, and the client woken twice. This holds the
     writes made in one turn of the event loop and sends them together at the end of it, or
-    when the protocol says so (`flush`)."""
+    when the protocol says so (`flush`).
+
+    The rest of the transport's methods are passed on one by one rather than through
+    `__getattr__`: with one, every attribute lookup on the object, its own included, takes
+    CPython's slower path (~13 per request, ~4,000 instructions in all).
+    """
 
     __slots__ = ("_flush_scheduled", "_loop", "_pending", "_transport")
 
@@ -44,11 +50,15 @@ class _CoalescingTransport:
         self._pending: list[bytes] = []
         self._flush_scheduled = False
 
-    def write(self, data: bytes) -> None:
-        self._pending.append(data)
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._pending.append(bytes(data) if not isinstance(data, bytes) else data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -60,17 +70,50 @@ class _CoalescingTransport:
         if not self._transport.is_closing():
             self._transport.write(data)
 
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self._pending)) + self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
     def close(self) -> None:
         self.flush()
         self._transport.close()
 
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
     def is_closing(self) -> bool:
-        # Asked once per response (uvicorn's on_response_complete). Through __getattr__ each
-        # call would first fail the ordinary lookup, formatting an AttributeError it drops.
         return self._transport.is_closing()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
 
 
 def respond_whole(
@@ -161,7 +204,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.transport = _CoalescingTransport(self.transport, self.loop)  # type: ignore[assignment]
+        self.transport = _CoalescingTransport(self.transport, self.loop)
 
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -177,7 +220,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         # An upgrade request returns early, before a cycle for it exists.
         if cycle is not None and cycle.scope is self.scope:
-            extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[RESPOND_WHOLE] = functools.partial(respond_whole, cycle)
 
     def on_response_complete(self) -> None:

@@ -15,7 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
-from gateway.http_protocol import _NAME_BYTES, _VALUE_BYTES, RESPOND_WHOLE, GatewayHttpProtocol
+from gateway.http_protocol import (
+    _NAME_BYTES,
+    _VALUE_BYTES,
+    RESPOND_WHOLE,
+    GatewayHttpProtocol,
+    _CoalescingTransport,
+)
 
 
 def test_a_complete_response_leaves_before_the_task_goes_on(
@@ -220,3 +226,43 @@ def test_whole_response_never_writes_a_head_that_could_be_split(
 def test_the_bad_byte_tables_find_what_uvicorns_expressions_find(data: bytes) -> None:
     assert bool(data.translate(None, _NAME_BYTES)) == bool(HEADER_RE.search(data))
     assert bool(data.translate(None, _VALUE_BYTES)) == bool(HEADER_VALUE_RE.search(data))
+
+
+def test_the_coalescing_transport_answers_every_transport_method_itself() -> None:
+    """uvicorn may call any of asyncio.Transport's methods. Each must be the coalescing
+    transport's own (flushing first where order matters), not the base class's stub that
+    raises NotImplementedError, and not a lookup through `__getattr__`, which slows every
+    attribute access on the object."""
+    methods = {
+        name
+        for klass in asyncio.Transport.__mro__
+        for name, value in vars(klass).items()
+        if callable(value) and not name.startswith("_")
+    }
+    missing = sorted(name for name in methods if name not in vars(_CoalescingTransport))
+    assert missing == []
+    assert "__getattr__" not in vars(_CoalescingTransport)
+
+
+def test_the_coalescing_transport_counts_held_writes_and_drops_them_on_abort() -> None:
+    async def main() -> tuple[list[bytes], int, list[bytes]]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+            held = _CoalescingTransport(transport, loop)  # type: ignore[arg-type]
+            held.write(b"head")
+            held.write(bytearray(b"body"))
+            size = held.get_write_buffer_size()
+            held.flush()
+            await asyncio.sleep(0.01)
+            theirs.setblocking(False)
+            sent = [theirs.recv(100)]
+            held.write(b"never sent")
+            held.abort()
+            await asyncio.sleep(0.01)
+            after = [theirs.recv(100)]  # b"": aborted, and nothing held went out
+            return sent, size, after
+
+    sent, size, after = asyncio.run(main())
+    assert (sent, size, after) == ([b"headbody"], 8, [b""])
