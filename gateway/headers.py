@@ -4,7 +4,8 @@ A proxy must drop Connection, every header that Connection names, Keep-Alive, Pr
 Trailer, Transfer-Encoding and Upgrade: they describe one connection, not the message
 (RFC 9110 7.6.1). On the way in, Content-Length and Host are dropped too: the client library
 frames the forwarded body and names the upstream's host itself. Each direction is one pass
-over the headers: this runs on every request.
+over the headers: this runs on every request (`name[:6] == b"proxy-"` rather than
+`startswith`, whose argument parsing costs twice as much, ~6 times per request).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def forwarded_request_headers(
     host = None
     prior_for: list[str] = []  # several X-Forwarded-For fields are one comma-separated list
     for name, value in scope_headers:
-        if name in _REQUEST_DROP or name.startswith(b"proxy-"):
+        if name in _REQUEST_DROP or name[:6] == b"proxy-":
             if name == b"connection":
                 named = _named(value, named)
             elif name == b"host" and host is None:  # two are refused before this runs
@@ -92,7 +93,7 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     named: set[bytes] | None = None
     for name, value in raw:
         name = name.lower()
-        if name in _RESPONSE_DROP or name.startswith(b"proxy-"):
+        if name in _RESPONSE_DROP or name[:6] == b"proxy-":
             if name == b"connection":
                 named = _named(value, named)
             continue
