@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -266,3 +267,38 @@ def test_the_coalescing_transport_counts_held_writes_and_drops_them_on_abort() -
 
     sent, size, after = asyncio.run(main())
     assert (sent, size, after) == ([b"headbody"], 8, [b""])
+
+
+def test_keep_alive_closes_an_idle_connection_and_each_request_restarts_its_wait(
+    uvicorn_app: Callable[..., UvicornHandle],
+) -> None:
+    """`on_response_complete` is overridden here, and uvicorn arms its keep-alive timer in
+    it: a connection left idle for `timeout_keep_alive` is closed, not before, and a request
+    arriving in time stops the timer, so three requests half the timeout apart all get their
+    answer on one connection."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        head = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    keep_alive_s = 2
+    handle = uvicorn_app(app, http=GatewayHttpProtocol, lifespan="off", timeout_keep_alive=2)
+    answers = []
+    with socket.create_connection(("127.0.0.1", handle.port), timeout=10) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: gw\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"ok"):
+                chunk = sock.recv(4096)
+                assert chunk, "the connection closed while a request was answered"
+                answer += chunk
+            answers.append(answer.split(b"\r\n", 1)[0])
+            idle_from = time.monotonic()
+            time.sleep(keep_alive_s / 2)
+        rest = sock.recv(4096)  # the server closes the connection: b""
+        idle_for = time.monotonic() - idle_from
+    assert answers == [b"HTTP/1.1 200 OK"] * 3
+    assert rest == b""
+    assert idle_for >= keep_alive_s - 0.1  # measured from the client: the answer took time
