@@ -96,8 +96,9 @@ def test_a_callback_may_stop_another_timer_of_its_slice(caplog: pytest.LogCaptur
         other = "b" if key == "a" else "a"
         Deadlines.stop(other, slices[other])
 
+    deadlines: Deadlines[str, None] = Deadlines(0.01, on_due, resolution_s=1.0)
+
     async def main() -> None:
-        deadlines: Deadlines[str, None] = Deadlines(0.01, on_due, resolution_s=1.0)
         for key in ("boom", "a", "b"):  # one slice: the resolution is far above the delay
             slices[key] = deadlines.start(key, None)
         assert slices["a"] is slices["b"] is slices["boom"]
@@ -107,6 +108,31 @@ def test_a_callback_may_stop_another_timer_of_its_slice(caplog: pytest.LogCaptur
         uvloop.run(main())
     assert sorted(fired) in (["a", "boom"], ["b", "boom"]), fired
     assert "a timer's callback failed" in caplog.text
+
+
+def test_stopped_timers_leave_nothing_armed_once_their_slices_are_due() -> None:
+    """At light load every request's timer has a slice of its own and is stopped long before
+    it is due. The loop timer is left set when they stop; when it runs it skips the slices
+    that are empty by then, and with none left nothing is armed and nothing fired."""
+    fired: list[int] = []
+
+    async def main() -> tuple[bool, bool]:
+        deadlines: Deadlines[int, None] = Deadlines(
+            0.2, lambda key, _: fired.append(key), resolution_s=0.01
+        )
+        slices = []
+        for key in range(3):  # before the first is due
+            timers = deadlines.start(key, None)
+            deadlines.stop(key, timers)
+            slices.append(timers)
+            await asyncio.sleep(0.011)
+        assert len({id(timers) for timers in slices}) > 1
+        armed_after_stops = deadlines.armed
+        await asyncio.sleep(0.3)  # every slice is due by now
+        return armed_after_stops, deadlines.armed
+
+    assert uvloop.run(main()) == (True, False)
+    assert fired == []
 
 
 def test_close_drops_every_timer_and_the_loop_timer() -> None:
