@@ -54,10 +54,6 @@ class Deadlines(Generic[K, V]):
         self._timer: asyncio.TimerHandle | None = None
 
     @property
-    def delay_s(self) -> float:
-        return self._delay_s
-
-    @property
     def armed(self) -> bool:
         """Whether a loop timer is set: only while some slice is waiting."""
         return self._timer is not None

@@ -202,7 +202,7 @@ class AiohttpClient:
         if method == "HEAD" or parser is None or parser is not getattr(protocol, _OWN_PARSER, None):
             protocol.set_response_params(
                 skip_payload=method == "HEAD",
-                read_until_eof=True,  # a body with neither length nor chunks ends with it
+                read_until_eof=True,  # no length and no chunks: the body ends at the close
                 auto_decompress=False,
             )
             # A parser for HEAD expects no bodies; a ClientSession request sets its own.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from typing import Any
 
 import pytest
 import uvloop
@@ -17,6 +18,15 @@ import uvloop
 from gateway.deadlines import Deadlines
 
 MS = 0.001
+
+
+def recorder(delay_s: float, resolution_s: float) -> tuple[Deadlines[Any, None], list[Any]]:
+    """Deadlines whose timers append their key to the returned list as they fire."""
+    fired: list[Any] = []
+    deadlines: Deadlines[Any, None] = Deadlines(
+        delay_s, lambda key, _: fired.append(key), resolution_s=resolution_s
+    )
+    return deadlines, fired
 
 
 def test_every_timer_not_stopped_fires_once_and_not_before_its_delay() -> None:
@@ -63,12 +73,9 @@ def test_every_timer_not_stopped_fires_once_and_not_before_its_delay() -> None:
 
 
 def test_a_stopped_timer_does_not_fire_and_stopping_a_fired_one_does_nothing() -> None:
-    fired: list[str] = []
+    deadlines, fired = recorder(0.01, 0.005)
 
     async def main() -> None:
-        deadlines: Deadlines[str, None] = Deadlines(
-            0.01, lambda key, _: fired.append(key), resolution_s=0.005
-        )
         kept = deadlines.start("kept", None)
         dropped = deadlines.start("dropped", None)
         deadlines.stop("dropped", dropped)
@@ -114,12 +121,9 @@ def test_stopped_timers_leave_nothing_armed_once_their_slices_are_due() -> None:
     """At light load every request's timer has a slice of its own and is stopped long before
     it is due. The loop timer is left set when they stop; when it runs it skips the slices
     that are empty by then, and with none left nothing is armed and nothing fired."""
-    fired: list[int] = []
+    deadlines, fired = recorder(0.2, 0.01)
 
     async def main() -> tuple[bool, bool]:
-        deadlines: Deadlines[int, None] = Deadlines(
-            0.2, lambda key, _: fired.append(key), resolution_s=0.01
-        )
         slices = []
         for key in range(3):  # before the first is due
             timers = deadlines.start(key, None)
@@ -136,12 +140,9 @@ def test_stopped_timers_leave_nothing_armed_once_their_slices_are_due() -> None:
 
 
 def test_close_drops_every_timer_and_the_loop_timer() -> None:
-    fired: list[int] = []
+    deadlines, fired = recorder(0.01, 0.005)
 
     async def main() -> None:
-        deadlines: Deadlines[int, None] = Deadlines(
-            0.01, lambda key, _: fired.append(key), resolution_s=0.005
-        )
         for key in range(10):
             deadlines.start(key, None)
         assert deadlines.armed
