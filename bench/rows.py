@@ -169,9 +169,9 @@ def bench_flag(spot: Spot, *, features: bool, shadow_sample: float = 0.1) -> dic
 
     With `features`: a canary at weight 0.5 (one step held for a day, so it neither advances
     nor promotes during the bench), the default guard (SPRT on canary errors), metrics as
-    always, and a shadow on a third upstream sampling `shadow_sample` of requests (10 %). Units
-    come from the
-    default `x-user-id` header, which the row's load sends (`Row(users=True)`).
+    always, and a shadow on a third upstream sampling `shadow_sample` of requests (10 %).
+    Units come from the default `x-user-id` header, which the row's load sends
+    (`Row(users=True)`).
     """
     flag: dict[str, Any] = {"key": "bench", "route": {"path_prefix": "/"}}
     flag["stable"] = {"name": "v1", "upstream": spot.upstream}
