@@ -4,9 +4,9 @@ A full collection walks every object the collector tracks, with the event loop s
 start-up (pydantic models, uvicorn, prometheus-client, scipy for the shadow tests) that is
 ~112,000 objects and 60-70 ms under load here: every request in flight waits, and it lands in
 the p99 (bench/RESULTS.md). The objects alive once the gateway has started live as long as the
-process, and the request path makes little cyclic garbage (~2,000 objects collected in a bench
-row of ~35,000 requests), so they are moved out of the collector's sight (`gc.freeze`): later
-collections walk only what came after. Reference counting still frees frozen objects; only a
+process, and the request path makes no cyclic garbage (reference counting frees all it
+allocates; tests/integration/test_heap.py), so they are moved out of the collector's sight
+(`gc.freeze`): later collections walk only what came after. Reference counting still frees frozen objects; only a
 cycle among them would stay, once.
 
 Young collections are made rarer too. A request allocates a few hundred container objects,

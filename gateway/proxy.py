@@ -34,7 +34,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-RespondWhole = Callable[[int, list[tuple[bytes, bytes]], bytes], bool]
+RespondWhole = Callable[[Send, int, list[tuple[bytes, bytes]], bytes], bool]
 _NONE: dict[str, Any] = {}
 
 # httptools sets no limit on the request head, so the gateway refuses big ones itself (431)
@@ -300,7 +300,7 @@ class Proxy:
             if body is not None and capture is not None:
                 capture.append(body)
             respond = x.respond_whole
-            if body is None or respond is None or not respond(status, out_headers, body):
+            if body is None or respond is None or not respond(x.send, status, out_headers, body):
                 start = {"type": "http.response.start", "status": status, "headers": out_headers}
                 await x.send(start)
                 if body is None:

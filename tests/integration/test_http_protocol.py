@@ -124,6 +124,7 @@ WHOLE_CASES: dict[str, tuple[int, list[tuple[bytes, bytes]], bytes]] = {
     "/connection": (200, [(b"connection", b"keep-alive")], b"x"),
     "/bad-value": (200, [(b"x-a", b"1\r\nset-cookie: stolen=1")], b"x"),
     "/bad-name": (200, [(b"x a", b"1")], b"x"),
+    "/wrapped": (200, [], b"x"),  # the app passes a wrapper of its `send`, as a middleware would
 }
 
 
@@ -137,7 +138,8 @@ def whole_server(uvicorn_app: Callable[..., UvicornHandle]) -> tuple[UvicornHand
         await receive()
         status, headers, body = WHOLE_CASES[scope["path"]]
         respond = scope["extensions"][RESPOND_WHOLE]
-        done = respond(status, headers, body)
+        own = send if scope["path"] != "/wrapped" else lambda message: send(message)
+        done = respond(own, status, headers, body)
         answered.append(done)
         if not done:
             head = [(b"content-length", b"8")] if status != 204 else []
@@ -200,6 +202,7 @@ def test_whole_response_closes_when_the_client_asked_to(
         (b"GET /no-content HTTP/1.1", "204 carries no body and no length"),
         (b"GET /framed HTTP/1.1", "framing fields are uvicorn's to write"),
         (b"GET /connection HTTP/1.1", "a Connection field may close the connection"),
+        (b"GET /wrapped HTTP/1.1", "only the server's own send tells which request it is"),
     ],
 )
 def test_whole_response_declines_what_needs_the_general_path(
