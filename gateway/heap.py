@@ -6,8 +6,8 @@ start-up (pydantic models, uvicorn, prometheus-client, scipy for the shadow test
 the p99 (bench/RESULTS.md). The objects alive once the gateway has started live as long as the
 process, and the request path makes no cyclic garbage (reference counting frees all it
 allocates; tests/integration/test_heap.py), so they are moved out of the collector's sight
-(`gc.freeze`): later collections walk only what came after. Reference counting still frees frozen objects; only a
-cycle among them would stay, once.
+(`gc.freeze`): later collections walk only what came after. Reference counting still frees
+frozen objects; only a cycle among them would stay, once.
 
 Young collections are made rarer too. A request allocates a few hundred container objects,
 nearly all freed by reference counting, so at CPython's default threshold of 700 a young
