@@ -11,6 +11,7 @@ responses, HEAD and connection reuse are checked byte for byte here.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import flag_doc, raw_http
+
+from gateway.upstream.aiohttp_client import _TurnWrites
 
 CLIENTS = ["aiohttp", "httpx"]
 
@@ -334,3 +337,47 @@ def test_an_ipv6_upstream_is_reached_with_a_bracketed_host(
     assert up.seen[0].request_line == b"POST /v1/sentiment/x?q=1 HTTP/1.1"
     assert up.seen[0].field(b"host") == up.url.removeprefix("http://").encode()
     assert len(up.seen[1].body) == 2 * 1024 * 1024
+
+
+def test_request_writes_wait_for_the_end_of_the_loops_turn_and_skip_closed_connections() -> None:
+    """The aiohttp client holds the request writes of one turn of the event loop and sends them
+    together when it ends: an upstream is then woken once for all of them rather than once for
+    each, between which it would have gone back to sleep. A connection closed meanwhile gets
+    nothing, and the exchange on it fails as on any closed connection."""
+
+    async def main() -> tuple[list[bytes], list[bytes], bytes, bool]:
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(3)]
+        transports = []
+        for ours, theirs in pairs:
+            theirs.setblocking(False)
+            transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+            transports.append(transport)
+        writes = _TurnWrites()
+        writes.add(transports[0], b"first")
+        writes.add(transports[1], b"second")
+        writes.add(transports[2], b"never")
+        transports[2].close()
+        before = [_nonblocking_read(theirs) for _, theirs in pairs[:2]]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        after = [_nonblocking_read(theirs) for _, theirs in pairs[:2]]
+        closed = _nonblocking_read(pairs[2][1])
+        for transport in transports:
+            transport.close()
+        for _, theirs in pairs:
+            theirs.close()
+        return before, after, closed, writes._scheduled
+
+    before, after, closed, still_scheduled = asyncio.run(main())
+    assert before == [b"", b""]  # nothing on the wire while the turn goes on
+    assert after == [b"first", b"second"]
+    assert closed == b""  # the peer sees the close and no bytes
+    assert not still_scheduled
+
+
+def _nonblocking_read(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return b""
