@@ -50,7 +50,9 @@ async def serve_gateway(gateway: Gateway, *, reuse_port: bool = False) -> None:
     worker processes share the ports (`gateway serve --workers N`)."""
     s = gateway.settings
     grace = s.shutdown_grace_s
-    data = _Server(_config(gateway.data_app, s.listen.host, s.listen.port, grace))
+    # The proxy itself, not `data_app`: the lifespan is run here (`gateway.running()`), and
+    # the wrapper that answers it for other ASGI servers would be one more call per request.
+    data = _Server(_config(gateway.proxy, s.listen.host, s.listen.port, grace))
     admin = _Server(_config(gateway.admin_app, s.admin.host, s.admin.port, grace))
     data_sockets = admin_sockets = None
     if reuse_port:
