@@ -21,9 +21,9 @@ Two more of aiohttp's per-exchange costs are left out on the direct way (bench/R
 
 Request writes wait for the end of the event loop's turn (`_TurnWrites`). Under load a turn
 runs many requests, ~50 us of Python apart: written as each was ready, every write found the
-upstream asleep again and paid for waking it (11 us of system time per write here, measured
-around the call); sent together, they wake it about once. 8 % less CPU per request with
-every feature on (bench/ab.py, bench/RESULTS.md). With one request in flight the turn ends
+upstream asleep again and paid for waking it (11 us of CPU per write here, measured around
+the call); sent together, they wake it about once. 8-12 % less CPU per request with every
+feature on (bench/ab.py, bench/RESULTS.md). With one request in flight the turn ends
 at once: the write waits for one poll of the sockets.
 """
 
