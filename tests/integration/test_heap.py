@@ -184,7 +184,8 @@ def test_the_request_path_leaves_no_garbage_for_the_collector(
     finally:
         child.terminate()
         _, stderr = child.communicate(timeout=30)
-    # Before the fix every request left 11; a few objects from the timers are allowed.
+    # Before the fix every request left 11. Some 20 objects that are not per request (the
+    # same number after 600 requests) are allowed.
     assert report["collected"] < requests // 10, (report, stderr[-2000:])
 
 
