@@ -94,7 +94,7 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     for name, value in raw:
         name = name.lower()
         if name in _RESPONSE_DROP or name[:6] == b"proxy-":
-            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+            if name == b"connection":
                 named = _named(value, named)
             continue
         out.append((name, value))
