@@ -14,9 +14,10 @@ RUN python -m venv /opt/gateway
 WORKDIR /src
 # Every dependency ships wheels for CPython 3.11 (uvloop and httptools come with
 # uvicorn[standard]), so no compiler is needed.
-COPY pyproject.toml README.md ./
+# requirements.lock: the exact versions the test suite ran on (`make lock`).
+COPY pyproject.toml README.md requirements.lock ./
 COPY gateway ./gateway
-RUN /opt/gateway/bin/pip install --no-cache-dir . \
+RUN /opt/gateway/bin/pip install --no-cache-dir -c requirements.lock . \
     && /opt/gateway/bin/python -c "import uvloop, httptools, gateway.cli"
 
 # --- runtime: the virtualenv, the settings, a non-root user ----------------------------------
@@ -38,15 +39,16 @@ ENV PATH=/opt/gateway/bin:$PATH \
 
 COPY --from=build /opt/gateway /opt/gateway
 COPY deploy/docker/gateway.yaml /etc/gateway/gateway.yaml
-COPY config/flags.yaml /etc/gateway/flags.yaml
+COPY deploy/docker/flags.yaml /etc/gateway/flags.yaml
 
 # Nothing is written outside /tmp (the read-only root filesystem in deploy/k8s relies on it).
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 8080 9090
 
-# Liveness on the admin port; slim has no curl, so Python's urllib (non-2xx raises: exit 1).
+# Liveness on the admin port the settings name (file or GATEWAY_ADMIN__PORT): slim has no curl,
+# and a port written here would not follow the settings.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2)"]
+    CMD ["python", "-m", "gateway.healthcheck"]
 
 CMD ["gateway", "serve", "--config", "/etc/gateway/gateway.yaml"]

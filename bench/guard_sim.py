@@ -37,9 +37,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gateway.core.sprt import Decision, SprtBounds, SprtCounts, step
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling module below, however this is run
+import guard_rollout
+
+from gateway.core.sprt import Decision, SprtBounds, SprtCounts, step, wald_rejection_bound
 
 GUARD = SprtBounds(e0=0.01, e1=0.05, alpha=0.01, beta=0.10)
+OLD_A = wald_rejection_bound(GUARD.alpha, GUARD.beta)  # the single bound of the old design
 RATES = (20, 200)  # canary requests per second
 E_HEALTHY = 0.005
 E_BROKEN = 0.05
@@ -151,31 +155,41 @@ def skip_clean(
 
 
 def guard_scan(
-    bounds: SprtBounds, gaps: Ints, *, stop_from: int | None = None
+    bounds: SprtBounds, gaps: Ints, *, stop_from: int | None = None, fixed_a: float | None = None
 ) -> tuple[list[int], int]:
     """Indices of the errors at which the guard rolls back, and the number of ACCEPTs.
 
     Only an error can push the llr up, so the clean runs between errors are skipped exactly and
-    every error goes through the gateway's own `step`. Stops at the first rollback at an error
-    index >= `stop_from`, if given.
+    every error goes through the gateway's own `step`, judged against A_i of the current test i
+    (1 + ACCEPTs since the last rollback). With `fixed_a`, the design this replaced: every test
+    against the same bound. Stops at the first rollback at an error index >= `stop_from`.
     """
     fresh = successes_to_accept(bounds, SprtCounts())
-    counts, rollbacks, accepts = SprtCounts(), [], 0
+    counts, rollbacks, accepts, test = SprtCounts(), [], 0, 1
     for index, clean in enumerate(gaps.tolist()):
         counts, accepted = skip_clean(bounds, counts, clean, fresh)
         accepts += accepted
-        counts, verdict = step(bounds, counts, True)
-        if verdict.decision is Decision.REJECT:
+        test += accepted
+        if fixed_a is None:
+            counts, verdict = step(bounds, counts, True, test)
+            rejected = verdict.decision is Decision.REJECT
+        else:
+            counts = counts.observe(True)
+            rejected = bounds.llr(counts.n, counts.k) >= fixed_a
+        if rejected:
             rollbacks.append(index)
-            counts = SprtCounts()  # rolled back: the next canary starts afresh
+            counts, test = SprtCounts(), 1  # rolled back: the next canary starts afresh
             if stop_from is not None and index >= stop_from:
                 break
     return rollbacks, accepts
 
 
-def guard_rollbacks(bounds: SprtBounds, traffic: Traffic, *, stop_from: int | None) -> Rollbacks:
+def guard_rollbacks(
+    bounds: SprtBounds, traffic: Traffic, *, stop_from: int | None, fixed_a: float | None = None
+) -> Rollbacks:
     """The guard's rollbacks on `traffic` (see `guard_scan`)."""
-    index = np.asarray(guard_scan(bounds, traffic.gaps, stop_from=stop_from)[0], dtype=np.int64)
+    found = guard_scan(bounds, traffic.gaps, stop_from=stop_from, fixed_a=fixed_a)[0]
+    index = np.asarray(found, dtype=np.int64)
     return Rollbacks(traffic.error_times[index], traffic.error_ordinals[index])
 
 
@@ -226,7 +240,7 @@ def after_change(rollbacks: Rollbacks, traffic: Traffic) -> tuple[float, float, 
 
 
 def change_runs(rate: int, runs: int, seed: int) -> npt.NDArray[np.float64]:
-    """`after_change` for guard, Flagger-style, Argo-style: shape (runs, 3 detectors, 3)."""
+    """`after_change` for guard, old guard, Flagger-style, Argo-style: (runs, 4 detectors, 3)."""
     rng = np.random.default_rng([seed, rate, 1])
     rows = []
     for _ in range(runs):
@@ -240,6 +254,7 @@ def change_runs(rate: int, runs: int, seed: int) -> npt.NDArray[np.float64]:
         stop_from = int(traffic.errors_before[CHANGE_MIN])  # the first error after the change
         found = [
             guard_rollbacks(GUARD, traffic, stop_from=stop_from),
+            guard_rollbacks(GUARD, traffic, stop_from=stop_from, fixed_a=OLD_A),
             check_rollbacks(FLAGGER, traffic),
             check_rollbacks(ARGO, traffic),
         ]
@@ -253,23 +268,29 @@ class Healthy:
 
     days: int
     requests: int
-    rollbacks: tuple[int, int, int]  # guard, Flagger-style, Argo-style
+    rollbacks: tuple[int, int, int, int]  # guard, old guard, Flagger-style, Argo-style
     guard_tests: int  # completed SPRT tests: ACCEPTs + REJECTs
 
 
 def healthy_days(rate: int, days: int, seed: int, error_rate: float = E_HEALTHY) -> Healthy:
     """`days` independent days at `rate` with the canary's error rate fixed at `error_rate`."""
     rng = np.random.default_rng([seed, rate, 2, round(error_rate * 1e6)])
-    requests, tests, counts = 0, 0, np.zeros(3, dtype=np.int64)
+    requests, tests, counts = 0, 0, np.zeros(4, dtype=np.int64)
     for _ in range(days):
         traffic = draw_traffic(
             rng, rate, minutes=DAY_MIN, change_min=DAY_MIN, errors=(error_rate, error_rate)
         )
         rejected, accepts = guard_scan(GUARD, traffic.gaps)
+        old = guard_scan(GUARD, traffic.gaps, fixed_a=OLD_A)[0]
         requests += int(traffic.served_before[-1])
         tests += len(rejected) + accepts
-        counts += [len(rejected), *(check_rollbacks(c, traffic).times.size for c in CHECKS)]
-    return Healthy(days, requests, (int(counts[0]), int(counts[1]), int(counts[2])), tests)
+        counts += [
+            len(rejected),
+            len(old),
+            *(check_rollbacks(c, traffic).times.size for c in CHECKS),
+        ]
+    a, b, c, d = (int(x) for x in counts)
+    return Healthy(days, requests, (a, b, c, d), tests)
 
 
 def quantile(values: Floats, q: float) -> Floats:
@@ -303,15 +324,16 @@ def rate_rows(rate: int, runs: Floats, healthy: Healthy) -> list[list[str]]:
 
 def guard_row(error_rate: float, rate: int, healthy: Healthy) -> list[str]:
     """The honesty table's row: how often the guard rolls back a canary that is fine."""
-    rollbacks = healthy.rollbacks[0]
+    new, old = healthy.rollbacks[0], healthy.rollbacks[1]
     return [
         f"{error_rate:.3f}",
         str(rate),
         f"{healthy.requests:,}",
         f"{healthy.guard_tests:,}",
-        str(rollbacks),
-        f"{rollbacks / healthy.guard_tests:.2e}",
-        f"{rollbacks / healthy.requests:.2e}",
+        str(new),
+        str(old),
+        f"{new / healthy.requests:.2e}",
+        f"{old / healthy.requests:.2e}",
     ]
 
 
@@ -322,7 +344,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 MODELS = """\
 Models (see the module docstring): guard = `gateway.core.sprt.step` on every canary response
-(e0 0.01, e1 0.05, alpha 0.01, beta 0.10; ACCEPT restarts, REJECT rolls back); Flagger-style =
+(e0 0.01, e1 0.05, alpha 0.01, beta 0.10; ACCEPT starts test i + 1 against A_i+1 = ln((i+1)(i+2)
+/alpha), REJECT rolls back and the next canary starts at test 1); old guard = the same with every
+test against A = ln((1 - beta)/alpha) = ln 90; Flagger-style =
 1-min checks failing above 5 % errors, failures never reset by a pass, rollback on the tick after
 the 3rd; Argo-style = 5-min measurements from t = 5 min failing above 5 %, rollback when failures
 exceed failureLimit 3 (the 4th). Checks tick on the change (their best case); after any rollback
@@ -336,6 +360,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="base seed (default 1)")
     parser.add_argument("--runs", type=int, default=200, help="change runs per rate (200)")
     parser.add_argument("--days", type=int, default=5, help="healthy days per rate (5)")
+    parser.add_argument(
+        "--mc-runs", type=int, default=300, help="CanaryGuard runs per Monte Carlo cell (300)"
+    )
+    parser.add_argument(
+        "--skip-exact", action="store_true", help="leave out the exact rollout table (minutes)"
+    )
     default_out = Path(__file__).with_name("GUARD_SIM.md")
     parser.add_argument("--out", type=Path, default=default_out, help="Markdown report path")
     return parser.parse_args(argv)
@@ -357,11 +387,18 @@ def report(args: argparse.Namespace, argv: list[str]) -> str:
     """Measure, then render the Markdown report with its command line and date."""
     started = time.monotonic()
     main_rows, guard_rows = measure(args)
-    took = time.monotonic() - started
     command = shlex.join([".venv/bin/python", "bench/guard_sim.py", *argv])
-    header = ["canary req/s", "measure", "guard (SPRT)", FLAGGER.name, ARGO.name]
-    honesty = ["canary error rate", "canary req/s", "requests", "SPRT tests", "rollbacks"]
-    honesty += ["rollbacks per test", "rollbacks per request"]
+    header = ["canary req/s", "measure", "guard (A_i)", "old guard (fixed A)"]
+    header += [FLAGGER.name, ARGO.name]
+    honesty = ["canary error rate", "canary req/s", "requests", "SPRT tests (A_i)"]
+    honesty += [
+        "rollbacks (A_i)",
+        "rollbacks (fixed A)",
+        "per request (A_i)",
+        "per request (fixed A)",
+    ]
+    rollout_section = guard_rollout_report(args)
+    took = time.monotonic() - started
     return (
         "# Guard simulation: rollback speed and false rollbacks\n\n"
         f"- command: `{command}`\n"
@@ -369,12 +406,136 @@ def report(args: argparse.Namespace, argv: list[str]) -> str:
         f"A canary's error rate goes from {E_HEALTHY} to {E_BROKEN} at t = {CHANGE_MIN} min; "
         f"{args.runs} runs per rate (seed {args.seed}), all detectors on the same traffic.\n\n"
         f"{table(header, main_rows)}\n"
-        "The guard alone on healthy canaries. One SPRT test runs from a (re)start to ACCEPT or\n"
-        "REJECT; alpha = 0.01 bounds P(REJECT) per test at e = e0 = 0.01 (last row), not per\n"
-        "request or per day: with restarts the rate per request is P(REJECT per test) / (mean\n"
-        "test length), and per day it grows with the traffic.\n\n"
-        f"{table(honesty, guard_rows)}\n{MODELS}"
+        "The guard alone on healthy canaries over whole days, one rollout per day (after a\n"
+        "rollback the next canary starts at test 1). With A_i, alpha = 0.01 bounds P(any\n"
+        "rollback) over the whole rollout at e <= e0; with the old fixed A it bounded one test\n"
+        "only, so false rollbacks grew with traffic.\n\n"
+        f"{table(honesty, guard_rows)}\n{MODELS}\n{rollout_section}"
     )
+
+
+HORIZONS = (1_000, 10_000, 100_000)
+
+
+def guard_rollout_report(args: argparse.Namespace) -> str:
+    """DESIGN 5's figures: false rollbacks over a rollout, misses and delays, old and new."""
+    seed, runs = args.seed, args.mc_runs
+    lines = ["## The guard over a whole rollout (DESIGN 5)\n"]
+    if not args.skip_exact:
+        rows = []
+        for e in (GUARD.e0, GUARD.e0 / 2):
+            new = guard_rollout.rollback_by(GUARD, e, HORIZONS)
+            old = guard_rollout.rollback_by(GUARD, e, HORIZONS, fixed_a=OLD_A)
+            for name, by in (("A_i (alpha spending)", new), ("fixed A = ln 90 (old)", old)):
+                rows.append([f"{e:g}", name, *(f"{by[h]:.4f}" for h in HORIZONS)])
+        lines += [
+            "P(any rollback within N canary requests), exact (dynamic programme over the",
+            "guard's thresholds; `bench/guard_rollout.py`):\n",
+            table(["e", "design", *(f"N = {h:,}" for h in HORIZONS)], rows),
+        ]
+        miss_new = guard_rollout.miss_within_first_test(GUARD, GUARD.e1)
+        miss_old = guard_rollout.miss_within_first_test(GUARD, GUARD.e1, fixed_a=OLD_A)
+        lines.append(
+            f"P(no rollback within test 1 | e = e1 = {GUARD.e1}), exact: {miss_new:.4f} with "
+            f"A_1 = ln 200, {miss_old:.4f} with the old A = ln 90 (beta = {GUARD.beta}).\n"
+        )
+    mc_new = guard_rollout.any_rollback_share(
+        guard_rollout.CanaryGuard, GUARD.e0, HORIZONS[-1], runs, seed
+    )
+    mc_old = guard_rollout.any_rollback_share(
+        guard_rollout.FixedBoundGuard, GUARD.e0, HORIZONS[-1], runs, seed
+    )
+    lines.append(
+        f"Seeded Monte Carlo through `CanaryGuard` ({runs} rollouts, seed {seed}): P(any "
+        f"rollback within {HORIZONS[-1]:,} canary requests | e = e0) = {mc_new:.4f} (A_i), "
+        f"{mc_old:.4f} (fixed A).\n"
+    )
+    rows = []
+    for name, kind in (
+        ("A_i", guard_rollout.CanaryGuard),
+        ("fixed A (old)", guard_rollout.FixedBoundGuard),
+    ):
+        for healthy in (0, 100_000):
+            found = guard_rollout.guard_runs(
+                kind,
+                healthy=healthy,
+                healthy_e=GUARD.e0,
+                degraded=(0.05, 0.5),
+                runs=runs,
+                seed=seed,
+            )
+            for e, d in found.items():
+                rows.append(
+                    [
+                        name,
+                        f"{healthy:,}",
+                        f"{e:g}",
+                        f"{d.mean:.1f}",
+                        f"{d.median:.0f}",
+                        f"{d.p90:.0f}",
+                        str(d.missed),
+                        str(d.prefix_rollbacks),
+                    ]
+                )
+    lines += [
+        "Canary requests from the degradation to the rollback, through `CanaryGuard`",
+        f"({runs} runs each; the healthy history runs at e = e0 = {GUARD.e0}; a false rollback",
+        "during it starts a fresh rollout):\n",
+        table(
+            [
+                "design",
+                "healthy requests before",
+                "e after",
+                "mean",
+                "median",
+                "p90",
+                "not rolled back in 100k",
+                "false rollbacks in the history",
+            ],
+            rows,
+        ),
+    ]
+    rows = []
+    horizon = 100_000
+    for canary_e in (0.01, 0.02, 0.03):
+        for healthy in (0, 100_000):
+            r = guard_rollout.relative_runs(
+                0.01,
+                canary_e,
+                weight=0.2,
+                requests=horizon,
+                runs=runs // 2,
+                seed=seed,
+                healthy=healthy,
+            )
+            d = r.delays
+            rows.append(
+                [
+                    f"{canary_e:g}",
+                    f"{healthy:,}",
+                    f"{r.rollback_share:.4f}",
+                    f"{d.mean:.0f}" if math.isfinite(d.mean) else "-",
+                    f"{d.median:.0f}" if math.isfinite(d.median) else "-",
+                    str(d.prefix_rollbacks),
+                ]
+            )
+    lines += [
+        "Relative mode through `CanaryGuard` (ratio 2, stable at 0.01, canary share 0.2,",
+        f"{runs // 2} runs each, up to {horizon:,} requests of both arms after the history; a",
+        "rollback at canary 0.01 is a false one, bounded by alpha = 0.01):\n",
+        table(
+            [
+                "canary e",
+                "healthy requests before",
+                "P(rollback)",
+                "mean canary requests",
+                "median",
+                "false rollbacks in the history",
+            ],
+            rows,
+        ),
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

@@ -54,7 +54,7 @@ LAYERS = {
     "typer": "startup",
 }
 # The frames every sample sits under (the process's main and the loop's run): not informative.
-_STARTUP_FILES = ("gateway/cli/", "gateway/server.py", "typer/")
+_STARTUP_FILES = ("gateway/cli/", "gateway/dataplane/server.py", "typer/")
 LOOP_FRAMES = ("Runner.run (asyncio/runners.py)", "run (uvloop/__init__.py)")
 
 
@@ -215,7 +215,7 @@ def _stacks(text: str) -> list[tuple[list[str], int]]:
 
 
 def _function(frame: str) -> str:
-    """`Proxy._handle (gateway/proxy.py:203)` -> `Proxy._handle (gateway/proxy.py)`."""
+    """`Proxy._handle (gateway/x.py:203)` -> `Proxy._handle (gateway/x.py)`."""
     name, sep, where = frame.rpartition(" (")
     if not sep:
         return frame

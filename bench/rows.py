@@ -229,6 +229,8 @@ def _loopback(settings: Mapping[str, Any]) -> dict[str, Any]:
 # --- the tables ------------------------------------------------------------------------------
 
 _ALL = "gateway, canary 0.5 + guard + metrics + 10 % shadow"
+# Every `upstream.client`, each with every feature on: `gateway-all-<client>`.
+CLIENTS = ("aiohttp-direct", "aiohttp", "httpx")
 _EXTRA = ("canary", "shadow")
 
 ROWS: tuple[Row, ...] = (
@@ -248,6 +250,37 @@ ROWS: tuple[Row, ...] = (
         gateway_serve(features=True),
         users=True,
         upstreams=_EXTRA,
+    ),
+    *(
+        Row(
+            f"gateway-all-{client}",
+            f"{_ALL}, upstream.client: {client}",
+            gateway_serve(features=True, settings={"upstream": {"client": client}}),
+            users=True,
+            upstreams=_EXTRA,
+        )
+        for client in CLIENTS
+    ),
+    Row(
+        "gateway-all-stock",
+        _ALL + ", server.http: stock",
+        gateway_serve(features=True, settings={"server": {"http": "stock"}}),
+        users=True,
+        upstreams=_EXTRA,
+    ),
+    *(  # the rest of the server x client matrix; stock + aiohttp is the whole stock fallback
+        Row(
+            f"gateway-all-stock-{client}",
+            f"{_ALL}, server.http: stock, upstream.client: {client}",
+            gateway_serve(
+                features=True,
+                settings={"server": {"http": "stock"}, "upstream": {"client": client}},
+            ),
+            users=True,
+            upstreams=_EXTRA,
+        )
+        for client in CLIENTS
+        if client != "aiohttp-direct"  # that is gateway-all-stock
     ),
     Row(
         "gateway-all-redis",

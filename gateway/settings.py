@@ -2,6 +2,11 @@
 
 Every key is optional (DESIGN 8). `load_settings` validates everything once and raises
 `InvalidDocument` listing every problem by key path, like the flag documents.
+
+Every key can also come from the environment: `GATEWAY_` and the key's path in upper case,
+joined by `__` (`GATEWAY_UPSTREAM__READ_TIMEOUT_S=5`, `GATEWAY_WORKERS=2`). Values are read as
+the setting's type (numbers, `true`/`false`); an empty value means null where null is allowed.
+A `GATEWAY_X__Y` that names no setting is an error, so a typo is never silently ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from gateway.errors import FieldError, InvalidDocument
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
 ENV_ADMIN_TOKENS = "GATEWAY_ADMIN_TOKENS"
 ENV_CONFIG = "GATEWAY_CONFIG"
+
+ENV_PREFIX = "GATEWAY_"
+ENV_SEPARATOR = "__"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,10 +59,18 @@ class Store(_Section):
     prefix: str = "gw"
     resync_interval_s: float = Field(5.0, gt=0)
     flush_interval_s: float = Field(0.05, gt=0)
+    # The local snapshot (DESIGN 7); None: <state dir>/snapshot.json
+    # (gateway.control.snapshot), "": none.
+    snapshot_file: str | None = None
+
+
+# aiohttp-direct: aiohttp driven below ClientSession (gateway/dataplane/fast/); aiohttp: its
+# ClientSession; httpx. HTTP/2 upstreams always use httpx.
+ClientKind = Literal["aiohttp-direct", "aiohttp", "httpx"]
 
 
 class Upstream(_Section):
-    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    client: ClientKind = "aiohttp-direct"
     connect_timeout_s: float = Field(1.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(1000, ge=1)
@@ -67,12 +83,30 @@ class ShadowSettings(_Section):
     pair_log: str | None = None
 
 
+class Limits(_Section):
+    """What the data port allows each connection (DESIGN 10); `max_connections` is per worker."""
+
+    head_timeout_s: float = Field(10.0, gt=0)
+    keepalive_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(10_000, ge=1)
+
+
+class ServerSettings(_Section):
+    """Which HTTP server serves the data port (gateway/dataplane/servers.py): `fast` is uvicorn
+    with the gateway's own HTTP/1.1 protocol, `stock` uvicorn's own httptools protocol. `fast`
+    falls back to `stock`, with one warning, on a uvicorn outside the versions tested."""
+
+    http: Literal["fast", "stock"] = "fast"
+
+
 class Settings(_Section):
     listen: Listen = Listen()
     admin: Admin = Admin()
     store: Store = Store()
     upstream: Upstream = Upstream()
     shadow: ShadowSettings = ShadowSettings()
+    limits: Limits = Limits()
+    server: ServerSettings = ServerSettings()
     workers: int = Field(1, ge=1)
     controller_interval_s: float = Field(0.1, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
@@ -101,6 +135,9 @@ def load_settings(
     """File, then env, then `overrides` (dotted keys such as `listen.port`), validated once."""
     env = os.environ if env is None else env
     doc = _read_yaml(path or env.get(ENV_CONFIG))
+    from_env, env_errors = _env_values(env)
+    for dotted, value in from_env.items():
+        _set(doc, dotted, value)
     if env.get(ENV_REDIS_URL):
         _set(doc, "store.kind", "redis")
         _set(doc, "store.url", env[ENV_REDIS_URL])
@@ -110,13 +147,81 @@ def load_settings(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(doc, dotted, value)
-    settings = _validated(Settings, doc, "")
+    try:
+        settings = _validated(Settings, doc, "")
+    except InvalidDocument as exc:
+        names = {dotted: name for name, dotted in _env_names(env).items()}
+        raise InvalidDocument(
+            env_errors
+            + [
+                FieldError(f"{e.path} (from {names[e.path]})", e.message) if e.path in names else e
+                for e in exc.errors
+            ]
+        ) from exc
+    if env_errors:
+        raise InvalidDocument(env_errors)
     if settings_tokens is not None:
         settings = settings.model_copy(
             update={"admin": settings.admin.model_copy(update={"tokens": settings_tokens})}
         )
     check_consistency(settings)
     return settings
+
+
+def _env_names(env: Mapping[str, str]) -> dict[str, str]:
+    """`GATEWAY_A__B` -> `a.b` for every variable that names a settings path (or tries to)."""
+    found = {}
+    for name in env:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if ENV_SEPARATOR in rest or rest.lower() in _scalar_fields(Settings):
+            found[name] = ".".join(rest.lower().split(ENV_SEPARATOR))
+    return found
+
+
+def _scalar_fields(model: type[BaseModel]) -> set[str]:
+    return {
+        name
+        for name, field in model.model_fields.items()
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+    }
+
+
+def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], list[FieldError]]:
+    """Dotted settings paths and values from `GATEWAY_*` variables, and a problem for every
+    variable that names no setting (kept apart, so that every problem is reported at once)."""
+    values: dict[str, Any] = {}
+    errors = []
+    for name, dotted in _env_names(env).items():
+        field = _field(Settings, dotted.split("."))
+        if field is None:
+            errors.append(FieldError(name, f"no setting {dotted!r} (GATEWAY_ + path joined by __)"))
+            continue
+        raw = env[name]
+        if dotted == "admin.tokens":
+            values[dotted] = [t.model_dump() for t in parse_tokens(raw)]
+        elif raw == "" and _allows_none(field):
+            values[dotted] = None
+        else:
+            values[dotted] = raw  # pydantic reads "5", "0.5", "true" as the field's type
+    return values, errors
+
+
+def _field(model: type[BaseModel], path: list[str]) -> Any:
+    field = model.model_fields.get(path[0])
+    if field is None:
+        return None
+    nested = field.annotation
+    if len(path) == 1:
+        return None if isinstance(nested, type) and issubclass(nested, BaseModel) else field
+    if isinstance(nested, type) and issubclass(nested, BaseModel):
+        return _field(nested, path[1:])
+    return None
+
+
+def _allows_none(field: Any) -> bool:
+    return not field.is_required() and (field.default is None or "None" in str(field.annotation))
 
 
 def check_consistency(settings: Settings) -> None:

@@ -34,9 +34,18 @@ def demo(
         typer.Option("--redis-url", help="Use the Redis flag store (a fresh key prefix per run)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds users, bodies and failures.")] = 0,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm", help="An LLM canary (OpenAI API, streams) whose time to first token regresses."
+        ),
+    ] = False,
 ) -> None:
     """Run a stable and a canary model server, a shadow, the gateway and traffic; watch the
     canary ramp, degrade and get rolled back by the guard. Exit 0 when that happened."""
+    if llm:
+        _llm_demo(duration, degrade_after, seed)
+        return
     if degrade_after is not None and degrade_after >= duration:
         raise typer.BadParameter(
             f"must be shorter than --duration ({degrade_after:g} >= {duration:g}): the canary "
@@ -48,8 +57,8 @@ def demo(
     # Imported here so other `gateway` verbs do not pay for uvicorn, aiohttp and rich.
     import uvloop
 
-    from gateway.demo import DemoOptions, run_demo
-    from gateway.demo_view import view_for
+    from gateway.demo.canary import DemoOptions, run_demo
+    from gateway.demo.view import view_for
     from gateway.errors import GatewayError
 
     options = DemoOptions(duration, canary_error_rate, degrade_after, redis_url, seed)
@@ -71,3 +80,13 @@ def _require_redis_store() -> None:
             err=True,
         )
         raise typer.Exit(2) from exc
+
+
+def _llm_demo(duration: float, degrade_after: float | None, seed: int) -> None:
+    import uvloop
+
+    from gateway.demo.llm import LlmDemoOptions, run_llm_demo
+
+    options = LlmDemoOptions(duration, degrade_after, seed)
+    summary = uvloop.run(run_llm_demo(options, typer.echo))
+    raise typer.Exit(0 if summary["ok"] else 1)

@@ -27,10 +27,63 @@ def model_server(
     access_log: Annotated[
         Path | None, typer.Option(help="Append one JSON line per request to this file.")
     ] = None,
+    openai: Annotated[
+        bool, typer.Option("--openai", help="Speak the OpenAI API: a fake LLM that streams.")
+    ] = False,
+    tokens_per_s: Annotated[
+        float, typer.Option(min=0.001, help="--openai: tokens per second of an answer.")
+    ] = 50.0,
+    ttft_ms: Annotated[
+        float, typer.Option(min=0.0, help="--openai: time to the first streamed event.")
+    ] = 50.0,
+    completion_tokens: Annotated[
+        int, typer.Option(min=1, help="--openai: answer length when max_tokens is not set.")
+    ] = 16,
+    abort_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="--openai: streams cut mid-answer.")
+    ] = 0.0,
+    error_event_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="--openai: streams with an SSE error event.")
+    ] = 0.0,
+    log_tokens: Annotated[
+        bool, typer.Option("--log-tokens", help="--openai: log each token before it is sent.")
+    ] = False,
+    score_fault: Annotated[
+        str, typer.Option(help='none, nan (answer "score": "NaN") or missing (no score).')
+    ] = "none",
+    score_fault_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of POSTs with --score-fault.")
+    ] = 1.0,
 ) -> None:
-    """Run a fake model: POST scores the body, GET echoes the request (see gateway.modelserver)."""
+    """Run a fake model: POST scores the body, GET echoes the request
+    (see gateway.demo.modelserver).
+
+    With --openai, a fake LLM on /v1/chat/completions and /v1/completions instead
+    (see gateway.demo.openai_server)."""
+    if openai:
+        from gateway.demo.openai_server import OpenAIServerConfig
+        from gateway.demo.openai_server import run as run_openai
+
+        try:
+            llm = OpenAIServerConfig(
+                name=name,
+                tokens_per_s=tokens_per_s,
+                ttft_ms=ttft_ms,
+                completion_tokens=completion_tokens,
+                error_rate=error_rate,
+                abort_rate=abort_rate,
+                error_event_rate=error_event_rate,
+                seed=seed,
+                access_log=access_log,
+                log_tokens=log_tokens,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        typer.echo(f"OpenAI-compatible model server {name!r} on http://{host}:{port}", err=True)
+        run_openai(llm, host=host, port=port)
+        return
     # Imported here so other `gateway` verbs do not pay for uvicorn's import.
-    from gateway.modelserver import ModelServerConfig, run
+    from gateway.demo.modelserver import ModelServerConfig, run
 
     config = ModelServerConfig(
         name=name,
@@ -40,6 +93,8 @@ def model_server(
         score_offset=score_offset,
         seed=seed,
         access_log=access_log,
+        score_fault=score_fault,  # type: ignore[arg-type]  # checked by ModelServerConfig
+        score_fault_rate=score_fault_rate,
     )
     typer.echo(f"model server {name!r} on http://{host}:{port}", err=True)
     run(config, host=host, port=port)

@@ -1,6 +1,6 @@
 """Verbs that need no running gateway: `flags validate`, offline `assign`.
 
-Both read a flags file (YAML or JSON: `yaml.safe_load` reads both) and go through the same
+Both read a flags file (YAML or JSON, read strictly by `load_yaml`) and go through the same
 parsing and assignment code as the server, so what they say is what the gateway would do.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-import yaml
 
 from gateway.cli import app, flags_app, online
 from gateway.core.assignment import Assigner, StaticFacts
+from gateway.core.documents import load_yaml
 from gateway.core.flags import ExponentialSchedule, Flag, FlagSet, parse_flag_set
 from gateway.errors import InvalidDocument
 
@@ -125,11 +125,7 @@ def load_flags(path: Path) -> FlagSet:
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}")
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        fail(f"{path}: not valid YAML or JSON: {_yaml_problem(exc)}")
-    try:
-        return parse_flag_set(doc)
+        return parse_flag_set(load_yaml(text))
     except InvalidDocument as exc:
         for error in exc.errors:
             typer.echo(str(error), err=True)
@@ -156,11 +152,3 @@ def fail(message: str, *, code: int = 1) -> NoReturn:
     """Exit with `message` on stderr: 1 for bad input files, 2 for bad usage (as click does)."""
     typer.echo(message, err=True)
     raise typer.Exit(code)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is None:
-        return str(problem)
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

@@ -2,9 +2,13 @@
 `assign` (called by the `assign` command in offline.py when no --flags file is given).
 
 Every verb takes `--admin-url` (GATEWAY_ADMIN_URL, default http://127.0.0.1:9090) and `--token`
-(GATEWAY_TOKEN). Failures print one clear message on stderr and exit 1: an unreachable gateway,
-a refused token (401/403), a stale version (409), a rejected document (422, every problem
-listed), an unavailable flag store (503). The token is sent, never printed.
+(GATEWAY_TOKEN). Failures print one clear message on stderr and exit with a code a script can
+branch on: 1 refused or invalid (401/403, 404, a rejected document with every problem listed, an
+unavailable flag store), 2 bad usage (click's own), 3 the admin API unreachable, 4 a conflict
+(409: someone else changed the flag first). The token is sent, never printed.
+
+`--json` on a read verb prints the admin API's answer unchanged, so a script sees the same shape
+as the API documents.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import yaml
 
 from gateway.cli import flags_app
 from gateway.core.docdiff import diff
-from gateway.core.flags import parse_flag_set
+from gateway.core.documents import load_yaml
+from gateway.core.flags import parse_flag, parse_flag_set
+from gateway.core.lifecycle import Consequence, consequence
+from gateway.core.schedule import Phase
 from gateway.errors import InvalidDocument
 
 ENV_ADMIN_URL = "GATEWAY_ADMIN_URL"
@@ -43,13 +50,23 @@ Token = Annotated[
 ]
 
 
+EXIT_REFUSED = 1  # refused (401/403), not found, invalid input, store unavailable
+EXIT_USAGE = 2  # bad command line (click's own code)
+EXIT_UNREACHABLE = 3  # no answer from the admin API
+EXIT_CONFLICT = 4  # 409: the flag changed since it was read
+
+
 class Failure(Exception):
-    """A failed call, with the message to print."""
+    """A failed call, with the message to print and the exit code it means."""
+
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
     typer.echo(message, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 # --- the admin client --------------------------------------------------------------------------
@@ -84,14 +101,23 @@ class AdminClient:
             raise Failure(
                 f"cannot reach the gateway's admin API at {self.url} ({_why(exc)}): is the "
                 f"gateway running? Point --admin-url or {ENV_ADMIN_URL} at its admin port"
-                f"{self._hint}"
+                f"{self._hint}",
+                EXIT_UNREACHABLE,
             ) from exc
         if response.status_code not in ok:
-            raise Failure(_explain(response))
+            raise Failure(_explain(response), _exit_code(response))
         return response
 
     def json(self, path: str, **kwargs: Any) -> Any:
         return _body(self.call("GET", path, **kwargs))
+
+
+def _exit_code(response: httpx.Response) -> int:
+    """4 for a version conflict only: a 409 for an illegal transition (pausing a paused
+    rollout) is a refusal, and retrying after a re-read would not help."""
+    body = _body(response)
+    error = body.get("error") if isinstance(body, dict) else None
+    return EXIT_CONFLICT if response.status_code == 409 and error == "conflict" else EXIT_REFUSED
 
 
 def _why(exc: httpx.TransportError) -> str:
@@ -140,6 +166,7 @@ class Plan:
     document: dict[str, Any]
     version: int | None
     changes: list[dict[str, Any]]
+    rollout: str = ""  # what the edit does to the rollout (DESIGN 4's words)
 
     @property
     def needed(self) -> bool:
@@ -150,12 +177,10 @@ def read_documents(path: Path) -> list[dict[str, Any]]:
     """The flags in a file, as written, after local validation (every problem printed)."""
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-        doc = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}")
-    except yaml.YAMLError as exc:
-        fail(f"{path}: not valid YAML or JSON: {exc}")
     try:
+        doc: Any = load_yaml(text)
         parse_flag_set(doc)
     except InvalidDocument as exc:
         for error in exc.errors:
@@ -168,9 +193,25 @@ def plan(client: AdminClient, document: dict[str, Any]) -> Plan:
     key = document["key"]
     response = client.call("GET", f"/admin/flags/{key}", ok=(200, 404))
     if response.status_code == 404:
-        return Plan(key, document, None, diff({}, document))
+        effect = consequence(None, parse_flag(document), None) if document.get("canary") else ""
+        return Plan(key, document, None, diff({}, document), effect)
     current = response.json()
-    return Plan(key, document, current["version"], diff(current["document"], document))
+    changes = diff(current["document"], document)
+    rolls_out = document.get("canary") or current["document"].get("canary")
+    effect = _effect(client, key, current["document"], document) if changes and rolls_out else ""
+    return Plan(key, document, current["version"], changes, effect)
+
+
+def _effect(
+    client: AdminClient, key: str, before: dict[str, Any], after: dict[str, Any]
+) -> Consequence:
+    """What storing `after` does to the flag's rollout, by the rule the gateway applies."""
+    state = client.json(f"/admin/flags/{key}/status").get("state")
+    phase = Phase(state) if state in {p.value for p in Phase} else None
+    try:
+        return consequence(parse_flag(before), parse_flag(after), phase)
+    except InvalidDocument:
+        return consequence(None, parse_flag(after), None)
 
 
 def describe(p: Plan) -> Iterator[str]:
@@ -182,6 +223,8 @@ def describe(p: Plan) -> Iterator[str]:
     else:
         yield f"{p.key}: {len(p.changes)} change(s) to version {p.version}"
     yield from (f"  {change_line(c)}" for c in p.changes)
+    if p.rollout:
+        yield f"  rollout: {p.rollout}"
 
 
 def change_line(change: dict[str, Any]) -> str:
@@ -224,12 +267,12 @@ def apply(
 ) -> None:
     """Create or update every flag in FILE, each at the version it was read at (If-Match)."""
     documents = read_documents(file)
-    failed = 0
+    failed, code = 0, EXIT_REFUSED
     with AdminClient(admin_url, token) as client:
         try:
             plans = [plan(client, doc) for doc in documents]
         except Failure as exc:
-            fail(str(exc))
+            fail(str(exc), exc.code)
         for p in plans:
             for line in describe(p):
                 typer.echo(line)
@@ -240,10 +283,11 @@ def apply(
             try:
                 typer.echo(put(client, p, reason))
             except Failure as exc:
+                code = exc.code if not failed else code  # the first failure's kind
                 failed += 1
                 typer.echo(f"{p.key}: {exc}", err=True)
     if failed:
-        fail(f"{failed} of {len(plans)} flag(s) not applied")
+        fail(f"{failed} of {len(plans)} flag(s) not applied", code)
 
 
 # --- flags list | get | history ----------------------------------------------------------------
@@ -271,14 +315,34 @@ def table(rows: list[list[str]]) -> Iterator[str]:
         yield "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
 
 
-@flags_app.command("list")
-def list_flags(admin_url: AdminUrl = DEFAULT_ADMIN_URL, token: Token = None) -> None:
-    """Every flag: key, version, route, stable and canary."""
+AsJson = Annotated[
+    bool, typer.Option("--json", help="Print the admin API's JSON answer, unchanged.")
+]
+
+
+def read(admin_url: str, token: str | None, path: str, **kwargs: Any) -> Any:
+    """One GET against the admin API, or exit with the failure's code."""
     with AdminClient(admin_url, token) as client:
         try:
-            flags = client.json("/admin/flags")["flags"]
+            return client.json(path, **kwargs)
         except Failure as exc:
-            fail(str(exc))
+            fail(str(exc), exc.code)
+
+
+def echo_json(doc: object) -> None:
+    typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+@flags_app.command("list")
+def list_flags(
+    as_json: AsJson = False, admin_url: AdminUrl = DEFAULT_ADMIN_URL, token: Token = None
+) -> None:
+    """Every flag: key, version, route, stable and canary."""
+    answer = read(admin_url, token, "/admin/flags")
+    if as_json:
+        echo_json(answer)
+        return
+    flags = answer["flags"]
     rows = [["KEY", "VERSION", "ROUTE", "STABLE", "CANARY"]]
     for f in flags:
         doc = f["document"]
@@ -298,34 +362,74 @@ def list_flags(admin_url: AdminUrl = DEFAULT_ADMIN_URL, token: Token = None) -> 
 @flags_app.command("get")
 def get(
     key: Annotated[str, typer.Argument(help="The flag's key.")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "-o",
+            "--output",
+            help="json: the API's answer (key, version, document); yaml: a flags file with "
+            "this flag, ready for `gateway flags apply -`.",
+        ),
+    ] = "json",
+    as_json: AsJson = False,
     admin_url: AdminUrl = DEFAULT_ADMIN_URL,
     token: Token = None,
 ) -> None:
-    """One flag as JSON: key, version and the stored document."""
+    """One flag: as JSON (key, version and the stored document) or as an appliable flags file."""
+    if output not in ("json", "yaml"):
+        fail(f"--output must be json or yaml, got {output!r}", EXIT_USAGE)
+    answer = read(admin_url, token, f"/admin/flags/{key}")
+    if output == "json" or as_json:
+        echo_json(answer)
+        return
+    typer.echo(f"# {key} at version {answer['version']}", nl=True)
+    typer.echo(yaml.safe_dump({"flags": [answer["document"]]}, sort_keys=False), nl=False)
+
+
+@flags_app.command("delete")
+def delete(
+    key: Annotated[str, typer.Argument(help="The flag's key.")],
+    version: Annotated[
+        int | None,
+        typer.Option(
+            "--if-match",
+            help="Delete only at this version (default: the version read just before).",
+        ),
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why: recorded in the audit.")
+    ] = None,
+    admin_url: AdminUrl = DEFAULT_ADMIN_URL,
+    token: Token = None,
+) -> None:
+    """Delete a flag at a known version (If-Match): a flag changed meanwhile is kept (exit 4)."""
     with AdminClient(admin_url, token) as client:
         try:
-            typer.echo(json.dumps(client.json(f"/admin/flags/{key}"), indent=2))
+            if version is None:
+                version = int(client.json(f"/admin/flags/{key}")["version"])
+            headers = {"If-Match": f'"{version}"'}
+            if reason:
+                headers["X-Gateway-Reason"] = reason
+            client.call("DELETE", f"/admin/flags/{key}", headers=headers, ok=(204,))
         except Failure as exc:
-            fail(str(exc))
+            fail(str(exc), exc.code)
+    typer.echo(f"{key}: deleted (was version {version})")
 
 
 @flags_app.command("history")
 def history(
     key: Annotated[str, typer.Argument(help="The flag's key.")],
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most N events.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the events as JSON.")] = False,
+    as_json: AsJson = False,
     admin_url: AdminUrl = DEFAULT_ADMIN_URL,
     token: Token = None,
 ) -> None:
     """The flag's audit trail, newest first: who, when, what, and what changed."""
-    with AdminClient(admin_url, token) as client:
-        try:
-            events = client.json("/admin/audit", params={"flag": key, "limit": limit})["events"]
-        except Failure as exc:
-            fail(str(exc))
+    answer = read(admin_url, token, "/admin/audit", params={"flag": key, "limit": limit})
     if as_json:
-        typer.echo(json.dumps(events, indent=2))
+        echo_json(answer)
         return
+    events = answer["events"]
     for event in events:
         typer.echo(_event_line(event))
         for change in event.get("diff") or []:
@@ -359,7 +463,7 @@ def assign_online(
             try:
                 typer.echo(json.dumps(client.json("/admin/assign", params=params)))
             except Failure as exc:
-                fail(str(exc))
+                fail(str(exc), exc.code)
 
 
 def parse_facts(headers: list[str], cookies: list[str], queries: list[str]) -> dict[str, str]:

@@ -3,39 +3,111 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 
 from gateway.cli import app, flags_app
-from gateway.cli.online import DEFAULT_ADMIN_URL, AdminClient, AdminUrl, Failure, Token, fail
+from gateway.cli.online import (
+    DEFAULT_ADMIN_URL,
+    EXIT_UNREACHABLE,
+    AdminClient,
+    AdminUrl,
+    Failure,
+    Token,
+    fail,
+)
 
 Reason = Annotated[str, typer.Option("--reason", help="Why: kept in the audit trail.")]
 Key = Annotated[str, typer.Argument(help="The flag's key.")]
+
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each frame replaces the last
 
 
 @flags_app.command("status")
 def status(
     key: Key,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status document.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Redraw every --interval seconds until Ctrl-C.")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, help="Seconds between redraws (--watch).")
+    ] = 2.0,
     admin_url: AdminUrl = DEFAULT_ADMIN_URL,
     token: Token = None,
 ) -> None:
-    """State, weight now, step, next change, the guard's test, shadows and traffic."""
+    """State, weight now, step, next change, the guard's test, shadows and traffic.
+
+    With --watch the screen is redrawn in place; with --watch --json one status document is
+    printed per line instead (for scripts)."""
     with AdminClient(admin_url, token) as client:
-        try:
-            doc = client.json(f"/admin/flags/{key}/status")
-        except Failure as exc:
-            fail(str(exc))
-    typer.echo(json.dumps(doc, indent=2) if as_json else "\n".join(describe(doc)))
+        if not watch:
+            try:
+                doc = client.json(f"/admin/flags/{key}/status")
+            except Failure as exc:
+                fail(str(exc), exc.code)
+            typer.echo(json.dumps(doc, indent=2) if as_json else "\n".join(describe(doc)))
+            return
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                _frame(client, key, as_json=as_json, interval=interval)
+                time.sleep(interval)
 
 
-def describe(doc: dict[str, Any]) -> list[str]:
+def _frame(client: AdminClient, key: str, *, as_json: bool, interval: float) -> None:
+    try:
+        doc = client.json(f"/admin/flags/{key}/status")
+    except Failure as exc:
+        if exc.code != EXIT_UNREACHABLE:
+            fail(str(exc), exc.code)  # a refused token or a gone flag will not get better
+        doc = None
+        problem = str(exc)
+    if as_json:
+        if doc is not None:
+            typer.echo(json.dumps(doc, separators=(",", ":")))
+        return
+    now = datetime.now(UTC)
+    header = f"every {interval:g}s: gateway flags status {key}    {now:%H:%M:%S} UTC"
+    body = describe(doc, now=now.timestamp()) if doc is not None else [problem]
+    typer.echo("\n".join([CLEAR + header, "", *body]))
+
+
+def relative(iso: str | None, now: float) -> str:
+    """`in 4m12s` or `3m ago` (and the UTC clock time), '-' for none."""
+    if not iso:
+        return "-"
+    when = datetime.fromisoformat(iso)
+    delta = when.timestamp() - now
+    words = f"in {span(delta)}" if delta >= 0 else f"{span(-delta)} ago"
+    return f"{words} ({when.astimezone(UTC):%H:%M:%S} UTC)"
+
+
+def span(seconds: float) -> str:
+    """4m12s, 2h5m, 3d4h: two units at most, the way an operator says it."""
+    s = max(0, round(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m{s}s" if minutes else f"{s}s"
+
+
+def describe(doc: dict[str, Any], *, now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
     lines = [
         f"{doc['key']}: {doc['state']}, canary weight {doc['weight']:.2%}"
         + (f", step {doc['step'] + 1}/{doc['steps']}" if doc.get("step") is not None else ""),
-        f"  next change: {doc.get('next_change_at') or '-'}   reason: {doc.get('reason') or '-'}",
+        f"  next change: {relative(doc.get('next_change_at'), now)}   "
+        f"running for {span(doc.get('running_s') or 0)}   reason: {doc.get('reason') or '-'}",
     ]
     guard = doc.get("guard")
     if guard:
@@ -44,16 +116,36 @@ def describe(doc: dict[str, Any]) -> list[str]:
             f"(B={guard['B']:.3f}, A={guard['A']:.3f}; e0={guard['e0']}, e1={guard['e1']}) "
             f"{guard['decision']}"
         )
+        lines.append(f"    {guard_words(guard)}")
     for shadow in doc.get("shadows") or []:
         p = "-" if shadow.get("p") is None else f"{shadow['p']:.3g}"
         mean = "-" if shadow.get("mean_diff") is None else f"{shadow['mean_diff']:+.4g}"
+        unmeasured = shadow.get("unmeasured") or 0
         lines.append(
             f"  shadow {shadow['shadow']} ({shadow['metric']}): n={shadow['n']} "
-            f"mean diff {mean} p={p}"
+            f"mean diff {mean} p={p} (fixed-n)"
+            + (f", {unmeasured} unmeasured" if unmeasured else "")
         )
+        if shadow.get("verdict"):
+            lines.append(f"    verdict: {shadow['verdict']}")
     traffic = ", ".join(f"{k} {v}" for k, v in (doc.get("traffic") or {}).items())
     lines.append(f"  traffic (this replica): {traffic or '-'}")
     return lines
+
+
+GUARD_WORDS = {
+    "continue": "watching: no evidence either way yet; rolls back if llr reaches A, "
+    "calls the canary healthy at B",
+    "accept": "healthy so far: the canary's error rate looks no worse than e0",
+    "reject": "rolled back: the canary's error rate looks like e1 or worse",
+}
+
+
+def guard_words(guard: dict[str, Any]) -> str:
+    words = GUARD_WORDS.get(str(guard.get("decision")), str(guard.get("decision")))
+    if "alpha_spent" in guard and "alpha" in guard:
+        words += f" (false-rollback budget used: {guard['alpha_spent']:.3g} of {guard['alpha']:g})"
+    return words
 
 
 def _act(action: str, key: str, reason: str, admin_url: str, token: str | None) -> None:
@@ -61,7 +153,7 @@ def _act(action: str, key: str, reason: str, admin_url: str, token: str | None) 
         try:
             response = client.call("POST", f"/admin/flags/{key}/{action}", json={"reason": reason})
         except Failure as exc:
-            fail(str(exc))
+            fail(str(exc), exc.code)
     typer.echo("\n".join(describe(response.json())))
 
 

@@ -39,7 +39,8 @@ _FLOAT_BITS = 53  # random.random() returns k / 2**53: exactly 53 random bits pe
 
 
 # The hash functions. mmh3's default is signed=True, which silently changes every bucket, so
-# signed=False is spelt out; seed and signed are positional because keywords cost 100 ns here.
+# signed=False is spelt out; seed and signed are positional because this is the hot path and
+# keyword arguments cost measurably more here (bench/RESULTS.md).
 
 
 def bucket(salt: str, unit: str) -> int:
@@ -141,9 +142,9 @@ class Assignment:
     issue_cookie: str | None = None
 
 
-# A frozen dataclass's __init__ goes through object.__setattr__ once per field: 1.3-1.7 us for
-# these six on a 2-core dev box, the largest item of a request's assignment. The request path
-# fills the slots through their own descriptors instead (0.7-0.8 us); the object is the same.
+# A frozen dataclass's __init__ goes through object.__setattr__ once per field, the largest item
+# of a request's assignment. The request path fills the slots through their own descriptors
+# instead (about half the time, bench/RESULTS.md); the object is the same, and as frozen.
 _SLOT_SETTERS = tuple(Assignment.__dict__[f.name].__set__ for f in fields(Assignment))
 
 
@@ -171,6 +172,9 @@ class RequestFacts(Protocol):
 
     def query(self, name: str) -> str | None: ...
 
+    def body(self, pointer: str) -> str | None:
+        """The unit id at a JSON pointer into the request body (`unit.from: body`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class StaticFacts:
@@ -179,6 +183,7 @@ class StaticFacts:
     headers: Mapping[str, str] = field(default_factory=dict)
     cookies: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
+    units: Mapping[str, str] = field(default_factory=dict)  # JSON pointer -> value in the body
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", {k.lower(): v for k, v in self.headers.items()})
@@ -191,6 +196,9 @@ class StaticFacts:
 
     def query(self, name: str) -> str | None:
         return self.params.get(name)
+
+    def body(self, pointer: str) -> str | None:
+        return self.units.get(pointer)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,10 @@ import reprlib
 from decimal import Decimal
 
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Every duration and rate stays within a year, so any time computed from them (a step's end,
+# a ramp's full-traffic time) is a timestamp that clocks and datetimes can hold.
+MAX_SECONDS = 365 * 86400.0
+MIN_RATE = 1 / MAX_SECONDS
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _RATE = re.compile(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*/\s*(ms|s|m|h|d)")
@@ -20,7 +24,7 @@ _RATE_HINT = "a rate such as 0.1/h or 2/m, or a number per second"
 
 
 def parse_duration(value: object) -> float:
-    """Seconds in `value`: a non-negative number of seconds or a string such as `1h30m`."""
+    """Seconds in `value`: a number of seconds or a string such as `1h30m`, from 0 to 365d."""
     seconds = _seconds(value)
     if seconds is None:
         raise ValueError(f"expected {_DURATION_HINT}, got {brief(value)}")
@@ -28,6 +32,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"must not be negative, got {brief(value)}")
     if not math.isfinite(seconds):
         raise ValueError(f"must be a finite duration, got {brief(value)}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"must be at most 365d, got {brief(value)}")
     return seconds + 0.0  # turns -0.0 into 0.0
 
 
@@ -60,7 +66,7 @@ def _finite_or_inf(value: int | float) -> float:
 
 
 def parse_rate(value: object) -> float:
-    """A rate per second from `0.1/h`, `2/m` or a bare number (per second); must be > 0."""
+    """A rate per second from `0.1/h`, `2/m` or a bare number (per second), at least 1/365d."""
     if isinstance(value, bool):
         raise ValueError(f"expected {_RATE_HINT}, got {brief(value)}")
     if isinstance(value, int | float):
@@ -71,6 +77,8 @@ def parse_rate(value: object) -> float:
         raise ValueError(f"expected {_RATE_HINT}, got {brief(value)}")
     if not rate > 0 or not math.isfinite(rate):
         raise ValueError(f"must be a finite rate > 0, got {brief(value)}")
+    if rate < MIN_RATE:
+        raise ValueError(f"must be at least 1/365d (a ramp longer than a year), got {brief(value)}")
     return rate
 
 

@@ -33,8 +33,10 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from gateway.core.documents import load_json
 from gateway.core.durations import brief as _brief
 from gateway.core.durations import parse_duration, parse_rate
 from gateway.errors import FieldError, InvalidDocument
@@ -43,8 +45,10 @@ KEY_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 ROLES = ("stable", "canary")
-ERROR_KINDS = ("status_5xx", "status_4xx", "timeout", "connect_error")
-METRICS = ("latency_ms", "error", "agreement")
+ERROR_KINDS = (
+    "status_5xx", "status_4xx", "timeout", "connect_error", "stream_aborted", "error_event",
+)  # fmt: skip
+METRICS = ("latency_ms", "error", "agreement", "ttft_ms", "completion_tokens", "stream_gap_p99_ms")
 
 Loc = tuple[str | int, ...]
 Problem = tuple[Loc, str]
@@ -74,6 +78,12 @@ def _check_path_prefix(prefix: str) -> str:
     if not prefix.startswith("/") or re.search(r"[\s?#]", prefix):
         raise ValueError(
             f"must be a URL path starting with '/' (no query or spaces), got {_brief(prefix)}"
+        )
+    # A request path is matched as it arrives, never normalised: a dot segment could only
+    # match a path that some upstream resolves to somewhere else.
+    if "%2e" in prefix.lower() or any(s in (".", "..") for s in prefix.split("/")):
+        raise ValueError(
+            f"must not contain a '.' or '..' segment or an encoded dot (%2e), got {_brief(prefix)}"
         )
     return prefix
 
@@ -107,25 +117,26 @@ def _check_upstream(url: str) -> str:
 def _check_error_kind(kind: str) -> str:
     if kind in ERROR_KINDS:
         return kind
-    match = re.fullmatch(r"latency_over:(\d+(?:\.\d+)?)", kind)
+    match = re.fullmatch(r"(?:latency|ttft)_over:(\d+(?:\.\d+)?)", kind)
     if match and 0 < float(match.group(1)) < math.inf:
         return kind
     raise ValueError(
-        "must be status_5xx, status_4xx, timeout, connect_error or latency_over:<ms> "
-        f"(ms > 0), got {_brief(kind)}"
+        "must be status_5xx, status_4xx, timeout, connect_error, stream_aborted, error_event, "
+        f"latency_over:<ms> or ttft_over:<ms> (ms > 0), got {_brief(kind)}"
     )
 
 
 def _check_metric(metric: str) -> str:
-    pointer = metric.removeprefix("json:")
+    pointer = metric.removeprefix("len:").removeprefix("json:")
     if metric in METRICS or (
-        metric.startswith("json:")
+        metric.removeprefix("len:").startswith("json:")
         and (pointer == "" or pointer.startswith("/"))
         and not re.search(r"~(?![01])", pointer)
     ):
         return metric
     raise ValueError(
-        f"must be latency_ms, error, agreement or json:/pointer/to/number, got {_brief(metric)}"
+        "must be latency_ms, error, agreement or json:/pointer/to/number, or on streams "
+        f"ttft_ms, completion_tokens, stream_gap_p99_ms or len:json:/pointer, got {_brief(metric)}"
     )
 
 
@@ -137,10 +148,33 @@ def _check_methods(methods: list[str]) -> list[str]:
     return upper
 
 
-def _not_a_boolean(value: object) -> object:
-    # pydantic's lax float takes `true` as 1.0; a YAML `weight: yes` is a mistake, not 100 %
+def _strict_number(value: object) -> object:
+    # pydantic's lax float takes `true` as 1.0 and "0.5" as 0.5; a YAML `weight: yes` is a
+    # mistake, not 100 %, and a quoted number is a string the operator did not mean.
     if isinstance(value, bool):
         raise ValueError(f"must be a number, got {value!r}")
+    if isinstance(value, str):
+        raise ValueError(f"must be a number, got the string {_brief(value)}{_number_hint(value)}")
+    return value
+
+
+def _number_hint(text: str) -> str:
+    try:
+        number = float(text)
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    if re.fullmatch(r"\s*[-+]?\d+[eE][-+]?\d+\s*", text):
+        # YAML 1.1 reads 1e-2 as a string: its floats need a dot (1.0e-2)
+        return f" (YAML reads {text.strip()} without a dot as a string): write {number!r}"
+    return f": write {number!r} without quotes"
+
+
+def _strict_bool(value: object) -> object:
+    # pydantic's lax bool takes "yes", "on", 1 and "true": only true and false are booleans
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_brief(value)}")
     return value
 
 
@@ -153,7 +187,8 @@ VariantName = Annotated[str, AfterValidator(_check_name)]
 Upstream = Annotated[str, AfterValidator(_check_upstream)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Rate = Annotated[float, BeforeValidator(parse_rate)]
-Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+Number = Annotated[float, BeforeValidator(_strict_number)]
+Bool = Annotated[bool, BeforeValidator(_strict_bool)]
 Weight = Annotated[Number, Field(ge=0.0, le=1.0)]
 Probability = Annotated[Number, Field(gt=0.0, lt=1.0)]
 Methods = Annotated[list[str], AfterValidator(_check_methods)]
@@ -187,22 +222,54 @@ class _Model(BaseModel):
         raise _validation_error(cls.__name__, [], problems)
 
 
+def _one_or_more(value: object) -> object:
+    return [value] if isinstance(value, str) else value  # `model: NAME` is `model: [NAME]`
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+ModelNames = Annotated[list[ModelName], Field(min_length=1)]
+
+
 class Route(_Model):
     path_prefix: Annotated[str, AfterValidator(_check_path_prefix)]
     host: Annotated[str | None, AfterValidator(_check_host)] = None
     methods: Annotated[Methods | None, Field(min_length=1)] = None
+    # Matches the JSON request body's "model" (a string equal to one of these names).
+    model: Annotated[ModelNames | None, BeforeValidator(_one_or_more)] = None
 
 
 class UnitSource(_Model):
-    source: Literal["header", "cookie", "query"] = Field("header", alias="from")
-    name: str = Field("x-user-id", min_length=1)
+    source: Literal["header", "cookie", "query", "body"] = Field("header", alias="from")
+    name: str = Field("x-user-id", min_length=1)  # with `from: body`, a JSON pointer
     on_missing: Literal["stable", "random", "cookie"] = "stable"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _body_default(cls, data: Any) -> Any:
+        # The OpenAI API's own end-user field, when the body is the source and no name is given.
+        if isinstance(data, Mapping) and data.get("from") == "body" and "name" not in data:
+            return {**data, "name": "/user"}
+        return data
+
+    @classmethod
+    def _problems(cls, data: Mapping[Any, Any]) -> list[Problem]:
+        name = data.get("name")
+        if data.get("from") == "body" and isinstance(name, str) and not _is_pointer(name):
+            message = f"with from: body, must be a JSON pointer such as /user, got {_brief(name)}"
+            return [(("name",), message)]
+        return []
+
+
+def _is_pointer(text: str) -> bool:
+    """A non-empty JSON pointer (RFC 6901): '/'-separated, '~' only as ~0 or ~1."""
+    return text.startswith("/") and not re.search(r"~(?![01])", text)
 
 
 class Variant(_Model):
     name: VariantName
     upstream: Upstream
-    http2: bool = False
+    http2: Bool = False
+    model: ModelName | None = None  # rewrites the JSON body's "model" for this upstream
 
 
 class WeightedVariant(Variant):
@@ -269,17 +336,43 @@ class Guard(_Model):
     errors: list[ErrorKind] = Field(
         default_factory=lambda: ["status_5xx", "timeout", "connect_error"], min_length=1
     )
-    mode: Literal["absolute", "relative"] = "absolute"
-    e0: Probability = 0.01
-    e1: Probability = 0.05
-    epsilon: Probability = 0.005
-    window: Annotated[Duration, Field(gt=0.0)] = 300.0
-    alpha: Probability = 0.01
-    beta: Probability = 0.10
+    mode: Literal["absolute", "relative"] = Field(
+        "absolute",
+        description="absolute: test the canary's error rate against e0/e1. relative: test "
+        "whether the canary fails `ratio` times as often as stable (each error of either arm is "
+        "a trial on where it came from).",
+    )
+    e0: Probability = Field(0.01, description="Acceptable canary error rate (absolute mode).")
+    e1: Probability = Field(0.05, description="Unacceptable canary error rate (absolute mode).")
+    ratio: Annotated[Number, Field(gt=1.0)] = Field(
+        2.0, description="Relative mode's H1: the canary's error rate is ratio x stable's (> 1)."
+    )
+    alpha: Probability = Field(
+        0.01,
+        description="P(any rollback during the whole rollout) for a canary that is fine: test i "
+        "rolls back at llr >= A_i = ln(i (i + 1) / alpha), so the tests' shares sum to alpha.",
+    )
+    beta: Probability = Field(
+        0.10, description="P(no rollback within a test) for a canary at e1, about (Wald)."
+    )
+    # Retired fields, declared only so that a document still carrying them gets a message that
+    # says what replaced them (rather than "extra inputs are not permitted"); always rejected,
+    # and absent from the published schema.
+    epsilon: SkipJsonSchema[Any] = Field(None, exclude=True, repr=False)
+    window: SkipJsonSchema[Any] = Field(None, exclude=True, repr=False)
 
     @classmethod
     def _problems(cls, data: Mapping[Any, Any]) -> list[Problem]:
         problems: list[Problem] = []
+        for retired in ("epsilon", "window"):
+            if retired in data:
+                problems.append(
+                    (
+                        (retired,),
+                        f"{retired} is no longer a guard field: relative mode tests whether the "
+                        "canary's error rate is `ratio` times stable's (ratio > 1, default 2)",
+                    )
+                )
         e0, e1, alpha, beta = (cls._probability(data, k) for k in ("e0", "e1", "alpha", "beta"))
         if e0 is not None and e1 is not None and e1 <= e0:
             problems.append((("e1",), f"must be greater than e0 ({e1} <= {e0})"))
@@ -289,6 +382,9 @@ class Guard(_Model):
         latency = [k for k in kinds if isinstance(k, str) and k.startswith("latency_over:")]
         if len(latency) > 1:
             problems.append((("errors",), f"at most one latency_over:<ms>, got {latency}"))
+        ttft = [k for k in kinds if isinstance(k, str) and k.startswith("ttft_over:")]
+        if len(ttft) > 1:
+            problems.append((("errors",), f"at most one ttft_over:<ms>, got {ttft}"))
         return problems
 
     @classmethod
@@ -298,15 +394,77 @@ class Guard(_Model):
 
     @property
     def latency_threshold_ms(self) -> float | None:
+        return self._threshold("latency_over:")
+
+    @property
+    def ttft_threshold_ms(self) -> float | None:
+        return self._threshold("ttft_over:")
+
+    def _threshold(self, prefix: str) -> float | None:
         for kind in self.errors:
-            if kind.startswith("latency_over:"):
+            if kind.startswith(prefix):
                 return float(kind.split(":", 1)[1])
         return None
 
 
+def _one_or_many(value: object) -> object:
+    # `metric: latency_ms` is a list of one; checked here so its error names `metric` itself
+    return [_check_metric(value)] if isinstance(value, str) else value
+
+
+def _unique_metrics(metrics: list[str]) -> list[str]:
+    repeated = sorted({m for m in metrics if metrics.count(m) > 1})
+    if repeated:
+        raise ValueError(f"lists {', '.join(repeated)} more than once")
+    return metrics
+
+
+def _check_mde(value: object) -> object:
+    def positive(x: object) -> float:
+        number = _number(x)
+        if isinstance(x, str) or number is None or number <= 0:
+            raise ValueError(f"must be a positive number, got {_brief(x)}")
+        return number
+
+    if value is None or not isinstance(value, Mapping):
+        return None if value is None else positive(value)
+    return {str(k): positive(v) for k, v in value.items()}
+
+
+ShadowMetrics = Annotated[
+    list[ShadowMetric],
+    BeforeValidator(_one_or_many),
+    Field(min_length=1),
+    AfterValidator(_unique_metrics),
+]
+
+
 class Shadow(Variant):
     sample: Weight = 1.0
-    metric: ShadowMetric = "latency_ms"
+    metric: ShadowMetrics = Field(default_factory=lambda: ["latency_ms"])  # a name or a list
+    # the smallest mean difference worth finding (the mSPRT's mixing sd): one number for every
+    # metric or {metric: number}; none: the sample sd of the first 100 differences
+    mde: Annotated[float | dict[str, float] | None, BeforeValidator(_check_mde)] = None
+
+    @classmethod
+    def _problems(cls, data: Mapping[Any, Any]) -> list[Problem]:
+        mde, metric = data.get("mde"), data.get("metric", "latency_ms")
+        if not isinstance(mde, Mapping):
+            return []
+        metrics = [metric] if isinstance(metric, str) else _items(metric)
+        return [
+            (("mde", name), f"names no metric of this shadow (metrics: {metrics})")
+            for name in mde
+            if name not in metrics
+        ]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics compared, in declared order."""
+        return tuple(self.metric)
+
+    def mde_for(self, metric: str) -> float | None:
+        return self.mde.get(metric) if isinstance(self.mde, dict) else self.mde
 
 
 class Condition(_Model):
@@ -348,7 +506,7 @@ class Flag(_Model):
         default_factory=list
     )
     schedule: Schedule = Field(default_factory=StepSchedule)
-    advance_requires_evidence: bool = True
+    advance_requires_evidence: Bool = True
     guard: Guard = Field(default_factory=Guard)
     on_canary_error: Literal["pass", "fallback"] = "pass"
     shadows: Annotated[list[Shadow], BeforeValidator(_none_is_empty)] = Field(default_factory=list)
@@ -391,8 +549,8 @@ def _items(value: object) -> list[Any]:
 
 
 def _number(value: object) -> float | None:
-    """`value` as pydantic's lax float would read it, or None if that fails or is not finite."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    """`value` as a number, or None if it is not one (strings are not) or is not finite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
         number = float(value)
@@ -506,11 +664,7 @@ def parse_flag(doc: object, *, path: str = "") -> Flag:
 
 def parse_flag_json(text: str | bytes, *, path: str = "") -> Flag:
     """A flag sent as JSON (the admin API's PUT body): parsed exactly like the YAML form."""
-    try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidDocument([FieldError(path or "$", f"not valid JSON: {exc}")]) from None
-    return parse_flag(doc, path=path)
+    return parse_flag(load_json(text), path=path)
 
 
 def parse_flag_set(doc: object) -> FlagSet:
@@ -579,6 +733,8 @@ def routes_overlap(a: Route, b: Route) -> bool:
         return False
     if a.host is not None and b.host is not None and a.host != b.host:
         return False
+    if a.model is not None and b.model is not None and not set(a.model) & set(b.model):
+        return False  # one path, different models: the body's "model" tells them apart
     return not (
         a.methods is not None and b.methods is not None and not set(a.methods) & set(b.methods)
     )

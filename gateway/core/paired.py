@@ -6,18 +6,20 @@ Each mirrored request gives a difference d = m(shadow) - m(primary). This module
   method and merged across replicas with Chan et al.'s formula, so the fleet-wide test equals
   the test on all pairs;
 - `paired_ttest`, Student's paired t-test from those moments (it equals `scipy.stats.ttest_rel`);
-- `Reservoir` and `wilcoxon_test`, the Wilcoxon signed-rank test on a bounded uniform sample of
-  recent differences: latency differences are rarely normal, and ranks need the values
+- `wilcoxon_test`, the Wilcoxon signed-rank test on the differences the store keeps (its
+  capped pairs stream): latency differences are rarely normal, and ranks need the values
   themselves, which cannot be kept for every pair.
+
+`paired_ttest` is valid at a fixed n, read once; a p-value watched continuously is the
+always-valid one (`gateway.core.msprt`).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Self
+from dataclasses import dataclass
+from typing import Any, Self
 
 MIN_WILCOXON_PAIRS = 10
 """Fewer nonzero differences than this give no signed-rank result: the test has no power."""
@@ -120,58 +122,34 @@ def paired_ttest(stats: RunningStats) -> PairedTest | None:
     return PairedTest(stats.n, stats.mean, sd, t, df, p, ci95)
 
 
-@dataclass(slots=True)
-class Reservoir:
-    """A uniform sample of at most `capacity` values from a stream (Algorithm R, Vitter 1985).
-
-    Mutable on purpose: it is one replica's private buffer, updated once per mirrored pair,
-    and copying `capacity` floats per update would cost more than the test it feeds.
-    """
-
-    capacity: int = 2000
-    seen: int = 0
-    _items: list[float] = field(default_factory=list, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {self.capacity!r}")
-
-    def add(self, x: float, rng: random.Random) -> None:
-        """Offer `x`; after n offers every one of them is kept with probability capacity / n."""
-        self.seen += 1
-        if len(self._items) < self.capacity:
-            self._items.append(x)
-            return
-        slot = rng.randrange(self.seen)
-        if slot < self.capacity:
-            self._items[slot] = x
-
-    def values(self) -> tuple[float, ...]:
-        """The values kept now (a copy, in slot order)."""
-        return tuple(self._items)
-
-
 @dataclass(frozen=True, slots=True)
 class WilcoxonResult:
-    """Wilcoxon signed-rank test (two-sided) on a reservoir sample of recent differences."""
+    """Wilcoxon signed-rank test (two-sided) on the differences the store keeps."""
 
     statistic: float
     p: float
     n: int  # nonzero differences ranked; zeros are dropped (Wilcoxon's convention)
+    pairs: int  # differences the test was given, zeros included
 
     def as_dict(self) -> dict[str, object]:
         """The fields for the status document (nest them under a key naming the test)."""
-        return {"n": self.n, "statistic": self.statistic, "p": self.p}
+        return {"pairs": self.pairs, "n": self.n, "statistic": self.statistic, "p": self.p}
+
+
+PERMUTATION_MAX_N = 13
+"""scipy's `auto` method runs an exact permutation test up to this many values with ties or
+zeros (2^13 sign patterns)."""
 
 
 def wilcoxon_test(diffs: Sequence[float]) -> WilcoxonResult | None:
-    """The signed-rank test of median difference 0 on `diffs` (a reservoir sample).
+    """The signed-rank test of median difference 0 on `diffs`, equal to
+    `scipy.stats.wilcoxon(diffs)` (two-sided, zeros dropped, no continuity correction, method
+    `auto`). None below `MIN_WILCOXON_PAIRS` nonzero values.
 
-    Uses `scipy.stats.wilcoxon` (two-sided, zeros dropped, no continuity correction). None below
-    `MIN_WILCOXON_PAIRS` nonzero values. The method is scipy's `auto` choice (exact up to 50
-    values without ties or zeros, else the normal approximation) except that we never take its
-    permutation branch (ties or zeros in at most 13 values): 2^13 resamples in Python cost
-    0.5-2 s of CPU, far too much for a status request on the event loop.
+    With ties or zeros in at most `PERMUTATION_MAX_N` values scipy enumerates every sign
+    pattern with `scipy.stats.permutation_test`, ranking each one again; the same test is run
+    here with a vectorized statistic (the ranks of |d| do not change when signs flip), so the
+    p-value is scipy's without seconds of CPU on the event loop.
     """
     if not all(math.isfinite(d) for d in diffs):
         raise ValueError("differences must be finite numbers")
@@ -179,8 +157,42 @@ def wilcoxon_test(diffs: Sequence[float]) -> WilcoxonResult | None:
     if nonzero < MIN_WILCOXON_PAIRS:
         return None
     ties_or_zeros = nonzero < len(diffs) or len({abs(d) for d in diffs}) < len(diffs)
-    method = "exact" if len(diffs) <= 50 and not ties_or_zeros else "asymptotic"
-    from scipy.stats import wilcoxon  # scipy.stats costs ~1.5 s to import: only when asked
+    # scipy.stats is slow to import (bench/RESULTS.md): only when asked
+    from scipy.stats import wilcoxon
 
-    result = wilcoxon(diffs, alternative="two-sided", method=method)
-    return WilcoxonResult(float(result.statistic), float(result.pvalue), nonzero)
+    result = wilcoxon(diffs, alternative="two-sided", method="asymptotic")
+    statistic = float(result.statistic)
+    if len(diffs) > 50:
+        p = float(result.pvalue)
+    elif not ties_or_zeros:
+        p = float(wilcoxon(diffs, alternative="two-sided", method="exact").pvalue)
+    elif len(diffs) <= PERMUTATION_MAX_N:
+        p = _signed_rank_permutation_p(diffs)
+    else:
+        p = float(result.pvalue)
+    return WilcoxonResult(statistic, p, nonzero, len(diffs))
+
+
+def _signed_rank_permutation_p(diffs: Sequence[float]) -> float:
+    """scipy's exact permutation p-value for the signed-rank sum (`auto` with ties or zeros)."""
+    import numpy as np
+    from scipy.stats import permutation_test, rankdata
+
+    d = np.asarray(diffs, dtype=float)
+    kept = d != 0  # zeros stay zeros under a sign flip and carry no rank ('wilcox')
+    ranks = np.zeros_like(d)
+    ranks[kept] = rankdata(np.abs(d[kept]))
+
+    def r_plus(x: Any, axis: int = -1) -> Any:
+        return np.sum((x > 0) * ranks, axis=axis)
+
+    result = permutation_test(
+        (d,),
+        r_plus,
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=9999,
+        alternative="two-sided",
+        axis=-1,
+    )
+    return float(result.pvalue)

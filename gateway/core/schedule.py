@@ -282,8 +282,12 @@ def resume(r: Rollout, now: float) -> Rollout:
 
 
 def roll_back(r: Rollout, now: float, reason: str) -> Rollout:
-    """Send the canary no traffic until a new rollout starts; from running or paused."""
-    _require(r, "roll back", Phase.RUNNING, Phase.PAUSED)
+    """Send the canary no traffic until a new rollout starts; from running, paused or promoted.
+
+    Promoted: while the promoted document is not written yet, or was refused (DESIGN 4), the
+    canary still serves at full weight, and the guard and the operator can still stop it.
+    """
+    _require(r, "roll back", Phase.RUNNING, Phase.PAUSED, Phase.PROMOTED)
     return replace(_unpaused(r, now), phase=Phase.ROLLED_BACK, reason=reason, changed_at=now)
 
 

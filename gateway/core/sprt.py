@@ -1,15 +1,20 @@
-"""The guard's statistics (DESIGN 5): Wald's Bernoulli SPRT on canary errors.
+"""The guard's statistics (DESIGN 5): Wald's Bernoulli SPRT on canary errors, alpha spent
+over the whole rollout.
 
 This module owns the bounds (`SprtBounds`), the counts (`SprtCounts`), one step of the test
-(`step`) and the figures used to document it (`fixed_sample_size`, `expected_sample_number`).
-Each canary response is one Bernoulli observation (1 = error). With n responses and k errors
+(`step`), relative mode's per-error increment (`relative_increment`) and the figures used to
+document it (`fixed_sample_size`, `expected_sample_number`). Each canary response is one
+Bernoulli observation (1 = error). With n responses and k errors since test i started
 
     llr(n, k) = k ln(e1/e0) + (n - k) ln((1 - e1)/(1 - e0))
-    A = ln((1 - beta)/alpha)        B = ln(beta/(1 - alpha))
+    A_i = ln(i (i + 1)/alpha)        B = ln(beta/(1 - alpha))
 
-`llr >= A` rejects H0 (roll back), `llr <= B` accepts H0 (the step is healthy; the test restarts
-so monitoring goes on), anything between continues. State is the pair (n, k), never the llr, so
-the same counts can be re-judged when e0 moves (relative mode) and replicas can add their deltas.
+`llr >= A_i` rejects H0 (roll back), `llr <= B` accepts H0 (the step is healthy; test i + 1
+starts at zero so monitoring goes on), anything between continues. exp(llr) is a nonnegative
+supermartingale under any e <= e0, so by Ville's inequality test i rolls back a healthy canary
+with probability at most alpha/(i (i + 1)); these sum to alpha over all tests, so alpha bounds
+the whole rollout however many tests it runs. State is the pair (n, k) and the test index, so
+replicas can add their deltas.
 """
 
 from __future__ import annotations
@@ -18,14 +23,31 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-E0_FLOOR = 0.001
-"""Relative mode never tests against an error rate below this (a perfect stable gives e0 = 0)."""
 
-E0_CEILING = 0.998
-"""Relative mode never tests against an error rate above this, leaving room for e1 below 1."""
+def rejection_bound(alpha: float, test: int) -> float:
+    """A_i = ln(i (i + 1)/alpha), the rejection bound of test i (i = 1, 2, ...) of a rollout.
 
-E1_CEILING = 0.999
-"""Relative mode keeps e1 at or below this so that ln(1 - e1) stays finite."""
+    Test i may spend alpha/(i (i + 1)) of the rollout's alpha; the sum over i is alpha.
+    """
+    if test < 1:
+        raise ValueError(f"tests are numbered from 1, got {test!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"need 0 < alpha < 1, got {alpha!r}")
+    return math.log(test * (test + 1) / alpha)
+
+
+def alpha_spent(alpha: float, test: int) -> float:
+    """alpha (1 - 1/(i + 1)): the most tests 1 .. i together may have spent."""
+    return alpha * (1.0 - 1.0 / (test + 1))
+
+
+def wald_rejection_bound(alpha: float, beta: float) -> float:
+    """Wald's single-test bound ln((1 - beta)/alpha), for comparison and ASN figures only.
+
+    A guard that restarts after every acceptance and judges every test against this one bound
+    rolls back a healthy canary with a probability that grows with its traffic towards 1.
+    """
+    return math.log((1 - beta) / alpha)
 
 
 class Decision(StrEnum):
@@ -54,7 +76,6 @@ class SprtBounds:
     # Derived once: `llr` runs on every canary response, so it must be two multiplications.
     log_error_ratio: float = field(init=False, repr=False, compare=False)
     log_success_ratio: float = field(init=False, repr=False, compare=False)
-    _upper: float = field(init=False, repr=False, compare=False)
     _lower: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -67,13 +88,16 @@ class SprtBounds:
         # The class is frozen; __post_init__ is the one place allowed to fill derived fields.
         object.__setattr__(self, "log_error_ratio", math.log(self.e1 / self.e0))
         object.__setattr__(self, "log_success_ratio", math.log((1 - self.e1) / (1 - self.e0)))
-        object.__setattr__(self, "_upper", math.log((1 - self.beta) / self.alpha))
         object.__setattr__(self, "_lower", math.log(self.beta / (1 - self.alpha)))
 
     @property
     def A(self) -> float:  # named as in DESIGN 5 and the status JSON
-        """The rejection bound ln((1 - beta)/alpha)."""
-        return self._upper
+        """The first test's rejection bound A_1 = ln(2/alpha)."""
+        return rejection_bound(self.alpha, 1)
+
+    def a(self, test: int) -> float:
+        """The rejection bound A_i of test i."""
+        return rejection_bound(self.alpha, test)
 
     @property
     def B(self) -> float:  # named as in DESIGN 5 and the status JSON
@@ -84,31 +108,30 @@ class SprtBounds:
         """The log-likelihood ratio of H1 over H0 after n responses with k errors."""
         return k * self.log_error_ratio + (n - k) * self.log_success_ratio
 
-    def decide(self, n: int, k: int) -> Decision:
-        """REJECT at or above A, ACCEPT at or below B, else CONTINUE."""
+    def decide(self, n: int, k: int, test: int = 1) -> Decision:
+        """REJECT at or above A_test, ACCEPT at or below B, else CONTINUE."""
         llr = self.llr(n, k)
-        if llr >= self._upper:
+        if llr >= rejection_bound(self.alpha, test):
             return Decision.REJECT
         if llr <= self._lower:
             return Decision.ACCEPT
         return Decision.CONTINUE
 
 
-def relative_bounds(
-    stable_error_rate: float, *, epsilon: float, alpha: float, beta: float
-) -> SprtBounds:
-    """Bounds for relative mode: e0 = max(0.001, stable's rate), e1 = e0 + epsilon.
+def relative_increment(q: float, ratio: float, *, from_canary: bool) -> float:
+    """Relative mode's llr increment for one error (DESIGN 5): ln(p1/q) or ln((1-p1)/(1-q)).
 
-    e0 is clipped to [E0_FLOOR, E0_CEILING] and e1 to at most E1_CEILING, so a stable that fails
-    almost always still yields valid bounds: the guard must keep working whatever stable does.
+    q is the canary's share of the step's requests counted before this error, and
+    p1 = ratio q/(ratio q + 1 - q) the chance the error is the canary's under H1 (the canary
+    fails `ratio` times as often as stable). Written as ln(ratio) - ln(1 + (ratio - 1) q) and
+    -ln(1 + (ratio - 1) q), which stay finite at q = 0 and q = 1.
     """
-    if not 0.0 <= stable_error_rate <= 1.0:
-        raise ValueError(f"stable_error_rate must lie in [0, 1], got {stable_error_rate!r}")
-    if not epsilon > 0.0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-    e0 = min(max(E0_FLOOR, stable_error_rate), E0_CEILING)
-    e1 = min(e0 + epsilon, E1_CEILING)
-    return SprtBounds(e0=e0, e1=e1, alpha=alpha, beta=beta)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must lie in [0, 1], got {q!r}")
+    if not ratio > 1.0:
+        raise ValueError(f"ratio must be > 1, got {ratio!r}")
+    spread = math.log1p((ratio - 1.0) * q)
+    return math.log(ratio) - spread if from_canary else -spread
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,20 +163,22 @@ class Verdict:
     llr: float
 
 
-def evaluate(bounds: SprtBounds, counts: SprtCounts) -> Verdict:
-    """Judge `counts` against `bounds` without observing anything new (e.g. global counts)."""
+def evaluate(bounds: SprtBounds, counts: SprtCounts, test: int = 1) -> Verdict:
+    """Judge `counts` of test `test` without observing anything new (e.g. global counts)."""
     llr = bounds.llr(counts.n, counts.k)
-    return Verdict(bounds.decide(counts.n, counts.k), counts, llr)
+    return Verdict(bounds.decide(counts.n, counts.k, test), counts, llr)
 
 
-def step(bounds: SprtBounds, counts: SprtCounts, error: bool) -> tuple[SprtCounts, Verdict]:
-    """Add one response and decide; returns the counts to keep and the verdict.
+def step(
+    bounds: SprtBounds, counts: SprtCounts, error: bool, test: int = 1
+) -> tuple[SprtCounts, Verdict]:
+    """Add one response to test `test` and decide; returns the counts to keep and the verdict.
 
-    On ACCEPT the kept counts restart at zero (monitoring goes on; a later degradation must be
-    caught from a fresh start) while the verdict carries the counts that accepted. On REJECT and
-    CONTINUE the new counts are kept.
+    On ACCEPT the kept counts restart at zero (monitoring goes on in test + 1; a later
+    degradation must be caught from a fresh start) while the verdict carries the counts that
+    accepted. On REJECT and CONTINUE the new counts are kept.
     """
-    verdict = evaluate(bounds, counts.observe(error))
+    verdict = evaluate(bounds, counts.observe(error), test)
     if verdict.decision is Decision.ACCEPT:
         return SprtCounts(), verdict
     return verdict.counts, verdict
@@ -174,8 +199,9 @@ def fixed_sample_size(e0: float, e1: float, alpha: float, beta: float) -> int:
     return math.ceil((spread / (e1 - e0)) ** 2)
 
 
-def expected_sample_number(bounds: SprtBounds, e: float) -> float:
-    """Wald's approximation of the mean number of responses to a decision at error rate e.
+def expected_sample_number(bounds: SprtBounds, e: float, test: int = 1) -> float:
+    """Wald's approximation of the mean number of responses to a decision of test `test` at
+    error rate e.
 
     ASN(e) = (L(e) B + (1 - L(e)) A) / E[z], with z the llr increment of one response and
     L(e) = (exp(hA) - 1) / (exp(hA) - exp(hB)) the probability of accepting, where h != 0
@@ -185,7 +211,7 @@ def expected_sample_number(bounds: SprtBounds, e: float) -> float:
     if not 0.0 <= e <= 1.0:
         raise ValueError(f"e must lie in [0, 1], got {e!r}")
     up, down = bounds.log_error_ratio, bounds.log_success_ratio
-    a, b = bounds.A, bounds.B
+    a, b = bounds.a(test), bounds.B
     drift = e * up + (1 - e) * down
     second_moment = e * up * up + (1 - e) * down * down
     if abs(drift) <= 1e-9 * second_moment:

@@ -15,21 +15,43 @@ all of one store's keys share a slot and the multi-key scripts also run on a clu
                                         updated_at   unix seconds of the last write (event ts)
                                         updated_by   actor of the last write (a token's name)
     {P}:flags                  set      every flag key (what `load()` walks)
+    {P}:routes                 hash     <key> -> the flag's route, for the overlap check
     {P}:rollout:<key>          hash     state        the rollout state (`Rollout.to_dict()` JSON)
                                         rev          +1 on every save (for operators to read)
-    {P}:guard:<key>            hash     n, k, epoch  fleet-wide guard counts; no hash = 0, 0, 0
-    {P}:shadow:<key>:<shadow>  hash     n, mean, m2  fleet-wide running stats of the paired
+    {P}:guard:<key>            hash     all of one flag's guard state (DESIGN 5); no hash =
+                                        `GuardState()`. Fields:
+                                        rollout      the rollout the state belongs to
+                                        test         i, the current test of that rollout
+                                        accepts      acceptances in that rollout
+                                        n, k, llr    the current test's counts (llr: text
+                                                     float, relative mode only)
+                                        cn, ce       the step's canary requests and errors
+                                        sn, se       the step's stable requests and errors
+                                        step_from    the test the current step began with
+                                        seq:<id>     last delta applied from replica <id>
+                                                     in this step (at-most-once deltas)
+    {P}:shadow:<key>:<shadow>:<metric>
+                               hash     n, mean, m2  fleet-wide running stats of the paired
                                                      differences (text that is the exact double)
+                                        tau          the mSPRT's default mixing sd, frozen
+                                        p_min        running minimum of the always-valid p
+                                        unmeasured   pairs left out (no finite value)
+                                        metric       the metric (the key's last part)
     {P}:pairs:<key>:<shadow>   stream   line         one pair's JSON log line per entry;
                                                      MAXLEN ~ `pairs_maxlen`
     {P}:audit                  stream   ts, actor, action, flag, version_before, version_after
                                         ('' = none), reason, diff and details (JSON); newest
                                         last; MAXLEN ~ `audit_maxlen`
     {P}:changes                pub/sub  {"kind": "flag"|"rollout"|"guard", "key": "<key>"}
+    {P}:meta                   hash     generation   the store's generation marker: written with
+                                        created_at   the first flag, removed only by `gateway
+                                                     store reset` (see `restore.py`); after a
+                                                     restore also restored_by, restored_at
 
-`put` and `delete` publish "flag", `save_rollout` "rollout", a `reset_guard` that started a new
-epoch "guard". Deleting a flag removes its flag hash, index entry, rollout state and guard counts
-in the same script; its shadow stats and pair stream stay (as in the memory store).
+`put` and `delete` publish "flag", `save_rollout` "rollout", an `end_guard_test` or
+`start_guard` that started a new test "guard", a restore or a reset "flag" with the key ''.
+Deleting a flag removes its flag hash, index entry, rollout state and guard state in the same
+script; its shadow stats and pair stream stay (as in the memory store).
 
 URLs (all with short socket timeouts and no automatic retry, so an outage shows at once and a
 write is never sent twice):
@@ -39,8 +61,14 @@ write is never sent twice):
         Sentinel (default port 26379); the password is the master's. rediss+sentinel: TLS.
     redis+cluster://[user:password@]host:port   Redis Cluster (rediss+cluster: TLS)
 
-Only the plain form is covered by the tests; the other two are built exactly as redis-py
-documents them.
+Replication is asynchronous: a master that is failed over can have acknowledged writes its
+replica never got. Give the masters `min-replicas-to-write 1` and a demoted master refuses
+writes (NOREPLICAS, answered as "store unavailable; nothing was written") instead of acknowledging
+writes that the failover then drops; tests/integration/test_store_failover.py runs Sentinel so.
+
+Store loss (DESIGN 7): the store keeps an image of every hash under the prefix (`restore.py`)
+and, when a load finds the flags gone together with the generation marker, writes that image
+back, exactly once fleet-wide, before anything is served from the empty store.
 """
 
 from __future__ import annotations
@@ -49,7 +77,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -61,21 +92,33 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.core.flags import Flag, parse_flag
 from gateway.core.paired import RunningStats
 from gateway.core.schedule import Rollout
+from gateway.core.totals import Totals
 from gateway.errors import (
     ConflictError,
+    FieldError,
     InvalidDocument,
     NotFoundError,
     PreconditionRequired,
     StoreUnavailable,
 )
 from gateway.flagstore import redis_scripts as lua
-from gateway.flagstore.base import AuditEvent, ChangeKind, GuardCounts, OnChange, StoredFlag
+from gateway.flagstore import restore
+from gateway.flagstore.base import (
+    AuditEvent,
+    ChangeKind,
+    GuardDelta,
+    GuardState,
+    OnChange,
+    StoredFlag,
+    validated,
+)
+from gateway.flagstore.restore import Image
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +151,9 @@ class Keys:
     def guard(self, key: str) -> str:
         return f"{{{self.prefix}}}:guard:{key}"
 
-    def shadow(self, key: str, shadow: str) -> str:
-        return f"{{{self.prefix}}}:shadow:{key}:{shadow}"
+    def shadow(self, key: str, shadow: str, metric: str) -> str:
+        # flag keys and variant names have no ':', so the metric is everything after the 4th
+        return f"{{{self.prefix}}}:shadow:{key}:{shadow}:{metric}"
 
     def pairs(self, key: str, shadow: str) -> str:
         return f"{{{self.prefix}}}:pairs:{key}:{shadow}"
@@ -117,6 +161,19 @@ class Keys:
     @property
     def index(self) -> str:
         return f"{{{self.prefix}}}:flags"
+
+    @property
+    def meta(self) -> str:
+        return f"{{{self.prefix}}}:meta"
+
+    @property
+    def pattern(self) -> str:
+        """A SCAN pattern for every key of this store (braces are literal in Redis globs)."""
+        return f"{{{self.prefix}}}:*"
+
+    @property
+    def routes(self) -> str:
+        return f"{{{self.prefix}}}:routes"
 
     @property
     def audit(self) -> str:
@@ -140,8 +197,13 @@ class RedisStore:
         resync_interval_s: float = 5.0,
         audit_maxlen: int = 10_000,
         pairs_maxlen: int = 10_000,
+        replica: str | None = None,
     ) -> None:
         self._keys = Keys(prefix)
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+        # The image of the store (restore.py) and who to tell when this replica restored it.
+        self._image: Image = {}
+        self.on_restore: Callable[[], None] | None = None
         self._where = describe(url)
         self._client = connect(url)
         self._resync_interval_s = resync_interval_s
@@ -152,16 +214,27 @@ class RedisStore:
         self._pubsub: PubSub | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reported: set[tuple[str, str]] = set()  # invalid documents already logged
+        # Flags whose stored document cannot be read (key -> why), as of the last load: the
+        # gateway keeps serving what it had for them rather than dropping their routes.
+        self.unreadable: dict[str, str] = {}
         register = self._client.register_script
         self._put, self._delete = register(lua.PUT), register(lua.DELETE)
         self._save_rollout = register(lua.SAVE_ROLLOUT)
-        self._add_guard = register(lua.ADD_GUARD_COUNTS)
-        self._reset_guard = register(lua.RESET_GUARD)
+        self._guard_state = register(lua.GUARD_STATE)
+        self._add_guard = register(lua.ADD_GUARD_DELTA)
+        self._end_guard_test = register(lua.END_GUARD_TEST)
+        self._start_guard = register(lua.START_GUARD)
         self._merge_shadow = register(lua.MERGE_SHADOW_STATS)
+        self._restore, self._reset = register(restore.RESTORE), register(restore.RESET)
 
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def identity(self) -> str:
+        """Which store this is (where and prefix), for the snapshot file; no password."""
+        return f"{self._where} {self._keys.prefix}"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -170,9 +243,20 @@ class RedisStore:
         self._pubsub = await self._subscribe()
         try:
             await self.load()
+            await self._dump()
         except StoreUnavailable:
             await self._pubsub.aclose()
+            self._pubsub = None
             raise
+        self._start(on_change)
+
+    def open_later(self, on_change: OnChange) -> None:
+        """For a replica that starts while Redis is away: reconnect in the background and call
+        `on_change("resync", "")` once Redis answers (then as `open()` would)."""
+        self._healthy = False
+        self._start(on_change)
+
+    def _start(self, on_change: OnChange) -> None:
         self._on_change = on_change
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -195,42 +279,79 @@ class RedisStore:
     # --- flags ------------------------------------------------------------------------------
 
     async def load(self) -> list[StoredFlag]:
+        """Every flag; a store found lost (no flags, no marker) is first restored from the
+        image, so an emptied Redis is never what the replicas serve."""
+        keys, rows, marked = await self._read_flags()
+        if not keys and not marked and restore.flag_keys(self._image, self._keys.flag("")):
+            await self.restore()
+            keys, rows, marked = await self._read_flags()
+        if keys and not marked:
+            await self._mark()  # the first flag, or a store from before the marker existed
+        if marked:
+            self._forget_deleted(set(keys))
+        self.unreadable = {}
+        stored = (self._stored(key, *row) for key, row in zip(keys, rows, strict=True))
+        return [entry for entry in stored if entry is not None]
+
+    async def _read_flags(self) -> tuple[list[str], list[list[str | None]], bool]:
         async with self._reaching(writing=False):
-            keys: list[str] = sorted(cast(set[str], await self._client.smembers(self._keys.index)))
+            pipe = self._client.pipeline(transaction=False)
+            pipe.smembers(self._keys.index)
+            pipe.exists(self._keys.meta)
+            members, marked = await pipe.execute()
+            keys: list[str] = sorted(cast(set[str], members))
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 pipe.hmget(self._keys.flag(key), "doc", "version")
             rows: list[list[str | None]] = await pipe.execute() if keys else []
-        stored = (self._stored(key, *row) for key, row in zip(keys, rows, strict=True))
-        return [entry for entry in stored if entry is not None]
+        for key, (doc, version) in zip(keys, rows, strict=True):
+            if doc is not None and version is not None:
+                self._image.setdefault(self._keys.flag(key), {}).update(doc=doc, version=version)
+        return keys, rows, bool(marked)
 
     async def get(self, key: str) -> StoredFlag | None:
         async with self._reaching(writing=False):
             row = cast(
                 list[str | None], await self._client.hmget(self._keys.flag(key), "doc", "version")
             )
+        doc, version = row
+        if doc is not None and version is not None:
+            self._image.setdefault(self._keys.flag(key), {}).update(doc=doc, version=version)
         return self._stored(key, *row)
 
     async def put(
         self, flag: Flag, document: dict[str, Any], *, if_match: int | None, event: AuditEvent
     ) -> StoredFlag:
-        keys = [self._keys.flag(flag.key), self._keys.index, self._keys.audit]
+        flag = validated(flag, document)
+        keys = [self._keys.flag(flag.key), self._keys.index, self._keys.audit, self._keys.routes]
         args = [flag.key, _optional(if_match), json.dumps(document, separators=(",", ":"))]
         args += [repr(event.ts), event.actor, self._audit_maxlen]
-        args += [*self._announcement("flag", flag.key), *_audit_fields(event)]
+        args += [*self._announcement("flag", flag.key), _route(flag)]
+        args += _audit_fields(event)
         async with self._reaching(writing=True):
             status, value = await self._put(keys=keys, args=args)
+        if status == "overlap":
+            message = f"overlaps the route of flag {value!r} ({flag.route.path_prefix!r})"
+            raise InvalidDocument([FieldError("route", message)])
         if status == "exists":
             raise PreconditionRequired(
                 f"flag {flag.key!r} exists (version {value}): send If-Match with its version"
             )
         if status == "conflict":
             raise ConflictError(flag.key, if_match, _version(value))
+        self._image[self._keys.flag(flag.key)] = {
+            "doc": args[2],
+            "version": str(value),
+            "updated_at": repr(event.ts),
+            "updated_by": event.actor,
+        }
+        with contextlib.suppress(StoreUnavailable):  # written: the next load marks it anyway
+            await self._mark()
         return StoredFlag(flag, document, int(value))
 
     async def delete(self, key: str, *, if_match: int, event: AuditEvent) -> None:
         k = self._keys
-        keys = [k.flag(key), k.index, k.rollout(key), k.guard(key), k.audit]
+        keys = [k.flag(key), k.index, k.rollout(key), k.guard(key), k.audit, k.routes]
         args = [key, _optional(if_match), self._audit_maxlen, *self._announcement("flag", key)]
         async with self._reaching(writing=True):
             status, value = await self._delete(keys=keys, args=[*args, *_audit_fields(event)])
@@ -242,6 +363,7 @@ class RedisStore:
             )
         if status == "conflict":
             raise ConflictError(key, if_match, _version(value))
+        restore.without(self._image, [k.flag(key), k.rollout(key), k.guard(key)])
 
     # --- audit ------------------------------------------------------------------------------
 
@@ -277,7 +399,10 @@ class RedisStore:
     async def rollout(self, key: str) -> Rollout | None:
         async with self._reaching(writing=False):
             raw = cast(str | None, await self._client.hget(self._keys.rollout(key), "state"))
-        return None if raw is None else _rollout(key, raw)
+        if raw is None:
+            return None  # never taken into the image: an emptied store must not erase it
+        self._image.setdefault(self._keys.rollout(key), {})["state"] = raw
+        return _rollout(key, raw)
 
     async def save_rollout(
         self,
@@ -299,34 +424,203 @@ class RedisStore:
         args += [self._audit_maxlen, *self._announcement("rollout", key)]
         args += _audit_fields(event, with_versions=True) if event is not None else []
         async with self._reaching(writing=True):
-            status, _ = await self._save_rollout(
+            status, rev = await self._save_rollout(
                 keys=[self._keys.rollout(key), self._keys.audit], args=args
             )
+        imaged = self._image.get(self._keys.rollout(key))
+        if status == "ok" and (expected is not None or imaged is None):
+            # A first state written into a store that came back empty must not replace the
+            # imaged one (a rolled-back canary) before the restore puts that back.
+            self._image[self._keys.rollout(key)] = {"state": args[1], "rev": str(rev)}
         return bool(status == "ok")
 
     # --- guard counts -----------------------------------------------------------------------
 
-    async def add_guard_counts(self, key: str, n: int, k: int, *, epoch: int) -> GuardCounts:
-        async with self._reaching(writing=True):
-            counts = await self._add_guard(keys=[self._keys.guard(key)], args=[epoch, n, k])
-        return GuardCounts(*(int(c) for c in counts))
+    async def guard_state(self, key: str) -> GuardState:
+        async with self._reaching(writing=False):
+            reply = await self._guard_state(keys=[self._keys.guard(key)], args=[])
+        return _guard_state(reply)
 
-    async def reset_guard(self, key: str, *, epoch: int) -> GuardCounts:
-        args = [str(epoch), *self._announcement("guard", key)]
+    async def add_guard_delta(self, key: str, delta: GuardDelta) -> GuardState:
+        d = delta
+        args: list[str | int] = [d.rollout, d.test, d.replica, d.seq, d.n, d.k, repr(d.llr)]
+        args += [d.canary_requests, d.canary_errors, d.stable_requests, d.stable_errors]
         async with self._reaching(writing=True):
-            counts = await self._reset_guard(keys=[self._keys.guard(key)], args=args)
-        return GuardCounts(*(int(c) for c in counts))
+            reply = await self._add_guard(keys=[self._keys.guard(key)], args=args)
+        return self._imaged_guard(key, _guard_state(reply))
+
+    async def end_guard_test(
+        self, key: str, *, rollout: str, test: int, accepted: bool, new_step: bool
+    ) -> GuardState:
+        args = [rollout, str(test), "1" if accepted else "0", "1" if new_step else "0"]
+        args += self._announcement("guard", key)
+        async with self._reaching(writing=True):
+            reply = await self._end_guard_test(keys=[self._keys.guard(key)], args=args)
+        return self._imaged_guard(key, _guard_state(reply))
+
+    async def start_guard(self, key: str, *, rollout: str) -> GuardState:
+        args = [rollout, *self._announcement("guard", key)]
+        async with self._reaching(writing=True):
+            reply = await self._start_guard(keys=[self._keys.guard(key)], args=args)
+        return self._imaged_guard(key, _guard_state(reply))
+
+    def _imaged_guard(self, key: str, state: GuardState) -> GuardState:
+        # Within a rollout the state only moves forward (a later test, or more counted within
+        # one); anything behind the image, or an empty state where the image has a rollout,
+        # comes from a store that lost it, which the restore is about to repair. Another
+        # rollout's state is a newer rollout's: it replaces the image.
+        fields = self._image.get(self._keys.guard(key), {})
+        imaged_rollout = fields.get("rollout", "")
+        if imaged_rollout and state.rollout in ("", imaged_rollout):
+            imaged = (
+                int(fields.get("test", "1")),
+                int(fields.get("cn", "0")) + int(fields.get("sn", "0")),
+            )
+            if (state.test, state.canary_requests + state.stable_requests) < imaged:
+                return state
+        self._image[self._keys.guard(key)] = {**fields, **_guard_fields(state)}
+        return state
 
     # --- shadow statistics ------------------------------------------------------------------
 
     async def merge_shadow_stats(
-        self, key: str, shadow: str, pending: RunningStats, lines: list[str]
-    ) -> RunningStats:
-        keys = [self._keys.shadow(key, shadow), self._keys.pairs(key, shadow)]
-        args = [str(pending.n), repr(pending.mean), repr(pending.m2), self._pairs_maxlen, *lines]
+        self,
+        key: str,
+        shadow: str,
+        metric: str,
+        pending: RunningStats,
+        lines: list[str],
+        *,
+        unmeasured: int = 0,
+        p_look: float = 1.0,
+    ) -> Totals:
+        keys = [self._keys.shadow(key, shadow, metric), self._keys.pairs(key, shadow)]
+        numbers = [str(pending.n), repr(pending.mean), repr(pending.m2), str(unmeasured)]
+        args = [*numbers, repr(p_look), metric, self._pairs_maxlen, *lines]
         async with self._reaching(writing=True):
-            n, mean, m2 = await self._merge_shadow(keys=keys, args=args)
-        return RunningStats(int(n), float(mean), float(m2))
+            n, mean, m2, tau, p_min, lost = await self._merge_shadow(keys=keys, args=args)
+        imaged = self._image.get(keys[0], {})
+        if int(n) > 0 and int(n) >= int(imaged.get("n", "0")):  # behind the image: store lost
+            fields = {"n": n, "mean": mean, "m2": m2, "tau": tau, "p_min": p_min}
+            self._image[keys[0]] = {**imaged, **fields, "unmeasured": lost, "metric": metric}
+        stats = RunningStats(int(n), float(mean), float(m2))
+        return Totals(stats, float(tau) if tau else None, float(p_min), int(lost))
+
+    async def shadow_pairs(self, key: str, shadow: str) -> list[str] | None:
+        async with self._reaching(writing=False):
+            entries = cast(
+                list[tuple[str, dict[str, str]]],
+                await self._client.xrange(self._keys.pairs(key, shadow)),
+            )
+        return [fields["line"] for _, fields in entries]
+
+    # --- store loss (restore.py) --------------------------------------------------------------
+
+    def image(self) -> Image:
+        """A copy of this replica's image of the store (for the local snapshot file)."""
+        return restore.copy(self._image)
+
+    def adopt(self, image: Image) -> None:
+        """Start from an image read back from the snapshot file (before `open`)."""
+        if not self._image:
+            self._image = restore.copy(image)
+
+    def imaged_flags(self) -> list[StoredFlag]:
+        """The flags as the image holds them: what this replica last knew of the store."""
+        rows = ((key, self._image.get(self._keys.flag(key), {})) for key in self._imaged_keys())
+        stored = (self._stored(key, f.get("doc"), f.get("version")) for key, f in rows)
+        return [entry for entry in stored if entry is not None]
+
+    def imaged_rollouts(self) -> dict[str, Rollout]:
+        found = {}
+        for key in self._imaged_keys():
+            raw = self._image.get(self._keys.rollout(key), {}).get("state")
+            rollout = None if raw is None else _rollout(key, raw)
+            if rollout is not None:
+                found[key] = rollout
+        return found
+
+    def _imaged_keys(self) -> list[str]:
+        return restore.flag_keys(self._image, self._keys.flag(""))
+
+    async def restore(self) -> bool:
+        """Write the image back if the store has no marker (compare-and-set on it): True when
+        this call restored, False when the marker was there (another replica was first)."""
+        hash_keys, payload, flags = restore.restore_arguments(self._image, self._keys.flag(""))
+        event = AuditEvent(
+            ts=time.time(),
+            actor=self.replica,
+            action="store_restored",
+            flag="",
+            reason="the store came back without its flags and without its generation marker",
+            details={"replica": self.replica, "flags": flags, "keys": len(hash_keys)},
+        )
+        k = self._keys
+        args = [self.replica, repr(event.ts), restore.new_generation(), self._audit_maxlen]
+        args += [*self._announcement("flag", ""), payload]
+        args += _audit_fields(event, with_versions=True)
+        async with self._reaching(writing=True):
+            done = await self._restore(keys=[k.meta, k.index, k.audit, *hash_keys], args=args)
+        if done:
+            log.warning(
+                "flag store: Redis at %s had lost the store; restored %d flag(s) and %d key(s) "
+                "from this replica (%s)",
+                self._where,
+                len(flags),
+                len(hash_keys),
+                self.replica,
+            )
+            if self.on_restore is not None:
+                self.on_restore()
+        return bool(done)
+
+    async def reset(self, *, actor: str, reason: str) -> int:
+        """Delete every key of this store and start a new generation, audited: the deliberate
+        wipe (`gateway store reset`). Returns how many keys were deleted."""
+        async with self._reaching(writing=True):
+            found = [key async for key in self._client.scan_iter(match=self._keys.pattern)]
+        k = self._keys
+        doomed = sorted({key for key in found if key not in (k.meta, k.audit)})
+        event = AuditEvent(
+            ts=time.time(),
+            actor=actor,
+            action="store_reset",
+            flag="",
+            reason=reason,
+            details={"keys": len(doomed)},
+        )
+        args = [restore.new_generation(), repr(event.ts), self._audit_maxlen]
+        args += [*self._announcement("flag", ""), *_audit_fields(event, with_versions=True)]
+        async with self._reaching(writing=True):
+            deleted = await self._reset(keys=[k.meta, k.audit, *doomed], args=args)
+        self._image = {}
+        return int(deleted)
+
+    async def _mark(self) -> None:
+        async with self._reaching(writing=True):
+            generation = restore.marker_fields()
+            if await self._client.hsetnx(self._keys.meta, "generation", generation["generation"]):
+                await self._client.hset(self._keys.meta, "created_at", generation["created_at"])
+
+    def _forget_deleted(self, present: set[str]) -> None:
+        k = self._keys
+        for key in self._imaged_keys():
+            if key not in present:
+                restore.without(self._image, [k.flag(key), k.rollout(key), k.guard(key)])
+
+    async def _dump(self) -> None:
+        """Read every hash of the store into the image, unless the marker is gone (a store
+        that lost its contents must not replace the image it is to be restored from)."""
+        async with self._reaching(writing=False):
+            found = self._client.scan_iter(match=self._keys.pattern, count=1000, _type="hash")
+            keys = sorted({key async for key in found} - {self._keys.meta})
+            pipe = self._client.pipeline(transaction=False)
+            pipe.exists(self._keys.meta)
+            for key in keys:
+                pipe.hgetall(key)
+            marked, *hashes = await pipe.execute()
+        if marked:
+            self._image = {key: h for key, h in zip(keys, hashes, strict=True) if h}
 
     # --- the one place Redis errors are translated ------------------------------------------
 
@@ -335,6 +629,13 @@ class RedisStore:
         try:
             yield
         except _UNREACHABLE as exc:
+            await self._mark_down(exc)
+            raise StoreUnavailable(self._unavailable(exc, writing=writing)) from exc
+        except ResponseError as exc:
+            # A master configured with min-replicas-to-write refuses writes it could not
+            # replicate (a demoted master during a failover): refused, so nothing was written.
+            if "NOREPLICAS" not in str(exc):
+                raise
             await self._mark_down(exc)
             raise StoreUnavailable(self._unavailable(exc, writing=writing)) from exc
         await self._mark_up()
@@ -388,10 +689,10 @@ class RedisStore:
     async def _listen(self) -> None:
         """Deliver change messages; on a lost connection resubscribe with backoff and resync."""
         while True:
-            assert self._pubsub is not None
-            with contextlib.suppress(StoreUnavailable):
-                await self._deliver_from(self._pubsub)
-            await self._pubsub.aclose()
+            if self._pubsub is not None:  # None when the replica started while Redis was away
+                with contextlib.suppress(StoreUnavailable):
+                    await self._deliver_from(self._pubsub)
+                await self._pubsub.aclose()
             self._pubsub = await self._resubscribe()
             # Messages published while we were away are gone: reload everything.
             await self._notify("resync", "")
@@ -419,6 +720,7 @@ class RedisStore:
             try:
                 async with self._reaching(writing=False):
                     await self._client.ping()
+                await self._dump()
             except StoreUnavailable:
                 continue
             await self._notify("resync", "")
@@ -446,6 +748,7 @@ class RedisStore:
                 raise ValueError(f"the document's key is {flag.key!r}")
             return StoredFlag(flag, document, int(version))
         except (ValueError, InvalidDocument) as exc:
+            self.unreadable[key] = f"version {version}: {exc}"
             if (key, version) not in self._reported:  # once per version, not every resync
                 self._reported.add((key, version))
                 log.error("flag store: skipping flag %r version %s: %s", key, version, exc)
@@ -482,7 +785,9 @@ def connect(url: str) -> aioredis.Redis:
         return _sentinel_master(url, options)
     if scheme in ("redis+cluster", "rediss+cluster"):
         plain = url.replace("+cluster", "", 1)
-        # RedisCluster answers the same commands, scripts and pub/sub as Redis.
+        # RedisCluster answers the same commands, scripts and pub/sub as Redis (pub/sub in
+        # asyncio since redis-py 8.0, hence the floor in pyproject.toml). Every key of a store
+        # shares one hash tag, so each multi-key script runs on one node.
         return cast(aioredis.Redis, RedisCluster.from_url(plain, **options))
     raise ValueError(
         f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss://, "
@@ -500,7 +805,7 @@ def _sentinel_master(url: str, options: dict[str, Any]) -> aioredis.Redis:
         raise ValueError(f"expected redis+sentinel://host:port[,...]/service[/db], got {url!r}")
     socket_options = {k: v for k, v in options.items() if k.startswith("socket_")}
     sentinel = Sentinel(nodes, sentinel_kwargs=socket_options)
-    return sentinel.master_for(
+    master: aioredis.Redis = sentinel.master_for(
         unquote(path[0]),
         db=int(path[1]) if len(path) == 2 else 0,
         username=unquote(user) or None,
@@ -508,6 +813,7 @@ def _sentinel_master(url: str, options: dict[str, Any]) -> aioredis.Redis:
         ssl=parts.scheme.startswith("rediss"),
         **options,
     )
+    return master
 
 
 def _host_port(node: str, *, default_port: int) -> tuple[str, int]:
@@ -531,6 +837,13 @@ def _reason(exc: BaseException) -> str:
 
 
 # --- encoding -------------------------------------------------------------------------------
+
+
+def _route(flag: Flag) -> str:
+    """The route as the put script compares it (see `redis_scripts._ROUTES`)."""
+    route = flag.route
+    entry = [route.path_prefix.rstrip("/"), route.host or "", sorted(route.methods or [])]
+    return json.dumps(entry, separators=(",", ":"))
 
 
 def _optional(value: int | None) -> str:
@@ -568,6 +881,40 @@ def _audit_event(entry_id: str, fields: dict[str, str]) -> AuditEvent | None:
     except (KeyError, ValueError) as exc:
         log.error("flag store: skipping unreadable audit entry %s: %s", entry_id, exc)
         return None
+
+
+def _guard_fields(state: GuardState) -> dict[str, str]:
+    """The guard hash's fields (see the key layout) for `state`."""
+    return {
+        "rollout": state.rollout,
+        "test": str(state.test),
+        "accepts": str(state.accepts),
+        "n": str(state.n),
+        "k": str(state.k),
+        "llr": repr(state.llr),
+        "cn": str(state.canary_requests),
+        "ce": str(state.canary_errors),
+        "sn": str(state.stable_requests),
+        "se": str(state.stable_errors),
+        "step_from": str(state.step_from),
+    }
+
+
+def _guard_state(reply: list[str]) -> GuardState:
+    rollout, test, accepts, n, k, llr, cn, ce, sn, se, step_from = reply
+    return GuardState(
+        rollout=rollout,
+        test=int(test),
+        accepts=int(accepts),
+        n=int(n),
+        k=int(k),
+        llr=float(llr),
+        canary_requests=int(cn),
+        canary_errors=int(ce),
+        stable_requests=int(sn),
+        stable_errors=int(se),
+        step_from=int(step_from),
+    )
 
 
 def _rollout(key: str, raw: str) -> Rollout | None:

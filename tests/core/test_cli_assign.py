@@ -157,7 +157,7 @@ def test_assign_positional_unit_and_rules(tmp_path: Path) -> None:
 def test_assign_without_flags_asks_a_gateway_and_says_how_when_none_answers() -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
     result = runner.invoke(app, ["assign", "sentiment", "alice", "--admin-url", nowhere])
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # unreachable (documented exit code)
     assert "--admin-url" in result.output
     assert "--flags" in result.output
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.durations import format_duration, parse_duration, parse_rate
+from gateway.core.durations import MAX_SECONDS, format_duration, parse_duration, parse_rate
 
 
 @pytest.mark.parametrize(
@@ -100,16 +100,38 @@ def test_format_duration_known_spellings(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
-@given(st.floats(min_value=0, allow_nan=False, allow_infinity=False))
+@given(st.floats(min_value=0, max_value=MAX_SECONDS, allow_nan=False, allow_infinity=False))
 def test_format_duration_round_trips_any_float(seconds: float) -> None:
     text = format_duration(seconds)
     assert "e" not in text.lower()
     assert parse_duration(text) == seconds
 
 
-@given(st.integers(min_value=0, max_value=10**12))
+@given(st.integers(min_value=0, max_value=int(MAX_SECONDS)))
 def test_format_duration_round_trips_whole_seconds(seconds: int) -> None:
     assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("999999999999999999d", "at most 365d"),
+        ("366d", "at most 365d"),
+        (MAX_SECONDS + 1, "at most 365d"),
+        ("365d1s", "at most 365d"),
+    ],
+)
+def test_durations_are_bounded_to_a_year(text: object, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_duration(text)
+    assert parse_duration("365d") == MAX_SECONDS
+
+
+@pytest.mark.parametrize("text", ["0.002/d", 1e-9, "0.00001/h"])
+def test_rates_are_bounded_below_to_one_per_year(text: object) -> None:
+    with pytest.raises(ValueError, match="at least 1/365d"):
+        parse_rate(text)
+    assert parse_rate("0.003/d") == pytest.approx(0.003 / 86400)
 
 
 @pytest.mark.parametrize("seconds", [-1.0, math.nan, math.inf])

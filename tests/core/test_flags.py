@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from gateway.core.documents import load_yaml
 from gateway.core.flags import (
     DEFAULT_STEPS,
     KEY_PATTERN,
@@ -113,7 +114,7 @@ INVALID: list[tuple[str, object, str, str]] = [
     ("unknown top-level", {"flags": [], "flgs": []}, "flgs", "unknown field"),
     ("route not mapping", flag_with(("route", "/v1")), "flags[0].route", "mapping"),
     ("bool wrong type", flag_with(("advance_requires_evidence", "maybe")),
-     "flags[0].advance_requires_evidence", "boolean"),
+     "flags[0].advance_requires_evidence", "true or false"),
     ("list wrong type", flag_with(("shadows", {"v3": 1})), "flags[0].shadows", "list"),
     ("name wrong type", flag_with(("stable.name", 7)), "flags[0].stable.name", "string"),
     ("weight above 1", flag_with(("variants.0.weight", 1.5)),
@@ -152,8 +153,14 @@ INVALID: list[tuple[str, object, str, str]] = [
      "flags[0].schedule.steps[0].hold", "duration such as"),
     ("boolean hold", flag_with(("schedule.steps.0.hold", True)),
      "flags[0].schedule.steps[0].hold", "duration such as"),
-    ("guard window zero", flag_with(("guard.window", "0s")),
-     "flags[0].guard.window", "greater than 0"),
+    ("guard window retired", flag_with(("guard.window", "5m")),
+     "flags[0].guard.window", "ratio"),
+    ("guard epsilon retired", flag_with(("guard.mode", "relative"), ("guard.epsilon", 0.005)),
+     "flags[0].guard.epsilon", "ratio"),
+    ("guard ratio one", flag_with(("guard.mode", "relative"), ("guard.ratio", 1)),
+     "flags[0].guard.ratio", "greater than 1"),
+    ("guard ratio below one", flag_with(("guard.ratio", 0.5)),
+     "flags[0].guard.ratio", "greater than 1"),
     ("duplicate flag key", two_flags(minimal(prefix="/v2")), "flags[1].key", "duplicate flag key"),
     ("canary named like stable", flag_with(("canary.name", "v1")),
      "flags[0].canary.name", "duplicate variant name"),
@@ -197,8 +204,8 @@ INVALID: list[tuple[str, object, str, str]] = [
     ("no error kinds", flag_with(("guard.errors", [])), "flags[0].guard.errors", "at least 1"),
     ("unknown on_canary_error", flag_with(("on_canary_error", "retry")),
      "flags[0].on_canary_error", "'pass' or 'fallback'"),
-    ("unknown unit source", flag_with(("unit.from", "body")),
-     "flags[0].unit.from", "'header', 'cookie' or 'query'"),
+    ("unknown unit source", flag_with(("unit.from", "jwt")),
+     "flags[0].unit.from", "'header', 'cookie', 'query' or 'body'"),
     ("unknown on_missing", flag_with(("unit.on_missing", "drop")),
      "flags[0].unit.on_missing", "'stable', 'random' or 'cookie'"),
     ("unknown assignment", flag_with(("assignment", "random")),
@@ -385,7 +392,7 @@ def test_a_minimal_flag_gets_every_default_of_design_2() -> None:
     guard = flag.guard
     assert (guard.e0, guard.e1, guard.alpha, guard.beta) == (0.01, 0.05, 0.01, 0.10)
     assert guard.errors == ["status_5xx", "timeout", "connect_error"]
-    assert (guard.mode, guard.epsilon, guard.window) == ("absolute", 0.005, 300.0)
+    assert (guard.mode, guard.ratio) == ("absolute", 2.0)
     assert guard.latency_threshold_ms is None
     assert flag.on_canary_error == "pass"
     assert flag.mirror_methods == ["GET", "POST"]
@@ -403,7 +410,7 @@ def test_shadow_defaults_and_explicit_salt() -> None:
     doc = {**minimal(), "salt": "group-7", "shadows": [{"name": "v3", "upstream": "http://h"}]}
     flag = parse_flag(doc)
     assert flag.bucket_salt == "group-7"
-    assert (flag.shadows[0].sample, flag.shadows[0].metric) == (1.0, "latency_ms")
+    assert (flag.shadows[0].sample, flag.shadows[0].metrics) == (1.0, ("latency_ms",))
 
 
 # --- valid documents and their normalisation -----------------------------------------------------
@@ -426,8 +433,8 @@ def test_the_example_config_validates() -> None:
     assert flag.advance_requires_evidence
     assert flag.guard == Guard()
     [shadow] = flag.shadows
-    assert (shadow.name, shadow.upstream, shadow.sample, shadow.metric) == (
-        "v3", "http://127.0.0.1:9003", 0.1, "json:/score"
+    assert (shadow.name, shadow.upstream, shadow.sample, shadow.metrics) == (
+        "v3", "http://127.0.0.1:9003", 0.1, ("json:/score",)
     )  # fmt: skip
     [rule] = flag.rules
     assert (rule.when.header, rule.when.equals, rule.then) == ("x-canary", "always", "canary")
@@ -473,14 +480,88 @@ def test_step_kind_may_be_left_out_and_empty_lists_may_be_null() -> None:
 def test_guard_with_latency_threshold_and_relative_mode() -> None:
     doc = {**minimal(), "guard": {"errors": ["timeout", "latency_over:250"], "mode": "relative"}}
     assert parse_flag(doc).guard.latency_threshold_ms == 250.0
+    doc["guard"] = {"mode": "relative", "ratio": 3}
+    assert (parse_flag(doc).guard.mode, parse_flag(doc).guard.ratio) == ("relative", 3.0)
 
 
-def test_yaml_spellings_of_numbers_are_accepted() -> None:
-    # PyYAML reads `1e-2` (no dot) as a string; it is still the number an operator meant
-    doc = yaml.safe_load("key: k\nroute: {path_prefix: /}\nstable: {name: a, upstream: http://a}\n"
-                         "guard: {e0: 1e-3, e1: 1e-2}\n")  # fmt: skip
-    guard = parse_flag(doc).guard
-    assert (guard.e0, guard.e1) == (0.001, 0.01)
+def test_yaml_exponent_without_a_dot_is_a_string_and_the_error_says_so() -> None:
+    # YAML 1.1 reads `1e-2` (no dot) as a string: no coercion, but the message says what to write
+    doc = load_yaml("key: k\nroute: {path_prefix: /}\nstable: {name: a, upstream: http://a}\n"
+                    "guard: {e0: 1e-3, e1: 1e-2}\n")  # fmt: skip
+    with pytest.raises(InvalidDocument) as caught:
+        parse_flag(doc)
+    messages = {e.path: e.message for e in caught.value.errors}
+    assert "without a dot" in messages["guard.e1"] and "write 0.01" in messages["guard.e1"]
+    assert "write 0.001" in messages["guard.e0"]
+
+
+def _set(doc: Doc, path: str, value: object) -> None:
+    *parents, last = path.split(".")
+    target: Any = doc
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[last] = value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("schedule.steps.0.weight", "0.5", "the string '0.5': write 0.5 without quotes"),
+        ("guard.alpha", "yes", "must be a number"),
+        ("guard.e0", True, "must be a number"),
+        ("advance_requires_evidence", "yes", "true or false"),
+        ("advance_requires_evidence", 1, "true or false"),
+        ("stable.http2", "true", "true or false"),
+    ],
+)
+def test_no_string_to_number_or_bool_coercion(field: str, value: object, words: str) -> None:
+    doc = minimal(key="k")
+    doc["schedule"] = {"kind": "step", "steps": [{"weight": 0.1, "hold": "1m"}]}
+    doc["canary"] = {"name": "c", "upstream": "http://c"}
+    doc["guard"] = {}
+    _set(doc, field, value)
+    with pytest.raises(InvalidDocument) as caught:
+        parse_flag(doc)
+    assert any(words in e.message for e in caught.value.errors), caught.value.errors
+
+
+def test_yaml_yes_is_a_string_not_a_boolean() -> None:
+    doc = load_yaml("key: k\nroute: {path_prefix: /}\nstable: {name: a, upstream: http://a, "
+                    "http2: yes}\nadvance_requires_evidence: on\n")  # fmt: skip
+    with pytest.raises(InvalidDocument) as caught:
+        parse_flag(doc)
+    paths = {e.path for e in caught.value.errors}
+    assert paths == {"stable.http2", "advance_requires_evidence"}
+
+
+@pytest.mark.parametrize(
+    "prefix", ["/v1/../admin", "/v1/..", "/./v1", "/v1/%2e%2e/x", "/v1/%2E", "/a/b/."]
+)
+def test_dot_segments_in_path_prefix_are_refused(prefix: str) -> None:
+    doc = minimal(key="k")
+    doc["route"] = {"path_prefix": prefix}
+    with pytest.raises(InvalidDocument) as caught:
+        parse_flag(doc)
+    assert [e.path for e in caught.value.errors] == ["route.path_prefix"]
+    assert "'..'" in caught.value.errors[0].message
+
+
+@pytest.mark.parametrize("prefix", ["/v1/a..b", "/v1/.well-known", "/v1/x.y"])
+def test_dots_inside_a_segment_are_fine(prefix: str) -> None:
+    doc = minimal(key="k")
+    doc["route"] = {"path_prefix": prefix}
+    assert parse_flag(doc).route.path_prefix == prefix
+
+
+def test_overflowing_hold_is_refused_at_its_path() -> None:
+    doc = minimal(key="k")
+    doc["canary"] = {"name": "c", "upstream": "http://c"}
+    doc["schedule"] = {"steps": [{"weight": 0.5, "hold": "999999999999999999d"}]}
+    with pytest.raises(InvalidDocument) as caught:
+        parse_flag(doc)
+    assert [str(e) for e in caught.value.errors] == [
+        "schedule.steps[0].hold: must be at most 365d, got '999999999999999999d'"
+    ]
 
 
 def test_routes_on_other_hosts_or_methods_do_not_overlap() -> None:

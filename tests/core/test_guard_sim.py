@@ -34,17 +34,19 @@ FAIL, PASS = 51, 50  # errors per minute: 5.1 % fails, exactly 5 % does not
 
 
 def direct_count(bounds: SprtBounds, gaps: list[int]) -> tuple[list[int], int]:
-    """Rollbacks (as error indices) and ACCEPTs, feeding every single response to `step`."""
-    counts, rollbacks, accepts, error_index = SprtCounts(), [], 0, -1
+    """Rollbacks (as error indices) and ACCEPTs, feeding every single response to `step` with
+    the current test index (1 + ACCEPTs since the last rollback)."""
+    counts, rollbacks, accepts, error_index, test = SprtCounts(), [], 0, -1, 1
     for clean in gaps:
         for error in [False] * clean + [True]:
             error_index += error
-            counts, verdict = step(bounds, counts, error)
+            counts, verdict = step(bounds, counts, error, test)
             if verdict.decision is Decision.ACCEPT:
                 accepts += 1
+                test += 1
             elif verdict.decision is Decision.REJECT:
                 rollbacks.append(error_index)
-                counts = SprtCounts()
+                counts, test = SprtCounts(), 1
     return rollbacks, accepts
 
 
@@ -53,7 +55,8 @@ def test_the_simulation_judges_with_the_gateways_sprt() -> None:
     assert guard_sim.step is sprt.step
     assert type(bounds) is sprt.SprtBounds
     assert bounds == SprtBounds(e0=0.01, e1=0.05, alpha=0.01, beta=0.10)
-    assert math.isclose(bounds.A, math.log(90))  # DESIGN 5: A = ln 90
+    assert math.isclose(bounds.A, math.log(200))  # DESIGN 5: A_1 = ln 200
+    assert math.isclose(guard_sim.OLD_A, math.log(90))  # the old design's single bound
 
 
 @pytest.mark.parametrize(
@@ -126,3 +129,45 @@ def test_argo_judges_five_minutes_at_once() -> None:
     window = [FAIL, PASS - 1, PASS, PASS, PASS]
     assert rollback_minutes(guard_sim.ARGO, window * 6) == []
     assert guard_sim.failed_checks(guard_sim.FLAGGER, minutes(window)).tolist()[0]
+
+
+# --- the rollout-level figures (bench/guard_rollout.py) ------------------------------------
+
+guard_rollout = sys.modules["guard_rollout"]
+
+
+@pytest.mark.parametrize("test", [1, 2, 7, 1000])
+def test_the_exact_thresholds_are_decides(test: int) -> None:
+    bounds = guard_sim.GUARD
+    a = bounds.a(test)
+    for k in range(0, 40):
+        m = guard_rollout.accept_clean(bounds, k)
+        assert bounds.decide(k + m, k, test) is Decision.ACCEPT or (k, m) == (0, 0)
+        if m > 0:
+            assert bounds.decide(k + m - 1, k, test) is not Decision.ACCEPT
+        cut = guard_rollout.reject_clean(bounds, a, k)
+        if cut >= 0:
+            assert bounds.decide(k + cut, k, test) is Decision.REJECT
+        assert bounds.decide(k + cut + 1, k, test) is not Decision.REJECT
+
+
+def test_a_tests_law_sums_to_one() -> None:
+    bounds = guard_sim.GUARD
+    for e in (0.005, 0.01, 0.05, 0.5):
+        law = guard_rollout.law_of_test(bounds, bounds.a(1), e, 100_000)
+        total = law.accept_p.sum() + law.reject_p.sum() + law.undecided
+        assert total == pytest.approx(1.0, abs=1e-12), e
+
+
+@pytest.mark.parametrize(("e", "horizon"), [(0.05, 400), (0.02, 2_000)])
+def test_the_exact_rollback_probability_matches_canary_guard(e: float, horizon: int) -> None:
+    """The dynamic programme against seeded runs of the request path's own CanaryGuard."""
+    exact = guard_rollout.rollback_by(guard_sim.GUARD, e, (horizon,))[horizon]
+    runs = 2_000
+    measured = guard_rollout.any_rollback_share(guard_rollout.CanaryGuard, e, horizon, runs, 11)
+    sigma = math.sqrt(exact * (1 - exact) / runs)
+    print(f"\ne={e} N={horizon}: exact {exact:.4f}, CanaryGuard {measured:.4f} ({runs} runs)")
+    assert abs(measured - exact) <= 4 * sigma
+    fixed = guard_rollout.rollback_by(guard_sim.GUARD, e, (horizon,), fixed_a=guard_sim.OLD_A)
+    old = guard_rollout.any_rollback_share(guard_rollout.FixedBoundGuard, e, horizon, runs, 11)
+    assert abs(old - fixed[horizon]) <= 4 * math.sqrt(fixed[horizon] * (1 - fixed[horizon]) / runs)

@@ -1,11 +1,11 @@
-"""Header handling (gateway/headers.py) against a plain restatement of RFC 9110 7.6.1."""
+"""Header handling (gateway/dataplane/headers.py) against a plain restatement of RFC 9110 7.6.1."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.headers import HOP_BY_HOP, forwarded_request_headers, response_headers
+from gateway.dataplane.headers import HOP_BY_HOP, forwarded_request_headers, response_headers
 
 NAMES = [
     b"accept", b"x-user-id", b"cookie", b"x-foo", b"connection", b"keep-alive", b"te",

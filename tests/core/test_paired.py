@@ -5,8 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from hypothesis import strategies as st
 
 from gateway.core.paired import (
     MIN_WILCOXON_PAIRS,
+    PERMUTATION_MAX_N,
     PairedTest,
-    Reservoir,
     RunningStats,
     paired_ttest,
     wilcoxon_test,
@@ -149,93 +148,6 @@ def test_running_stats_refuse_what_would_poison_them() -> None:
         RunningStats(n=-1)
 
 
-# --- the reservoir -----------------------------------------------------------------------
-
-Sampler = Callable[[int, int, random.Random], Sequence[float]]
-
-
-def survival_counts(sample: Sampler, stream: int, capacity: int, trials: int) -> list[int]:
-    """How often each index of a stream 0..stream-1 ends up in the sample, over `trials`."""
-    rng = random.Random(12345)
-    counts = [0] * stream
-    for _ in range(trials):
-        for index in sample(stream, capacity, rng):
-            counts[int(index)] += 1
-    return counts
-
-
-def reservoir_sample(stream: int, capacity: int, rng: random.Random) -> Sequence[float]:
-    reservoir = Reservoir(capacity=capacity)
-    for index in range(stream):
-        reservoir.add(float(index), rng)
-    return reservoir.values()
-
-
-def always_replace_sample(stream: int, capacity: int, rng: random.Random) -> Sequence[float]:
-    """A plausible bug (replace a random slot on every add once full): favours recent values."""
-    kept: list[float] = []
-    for index in range(stream):
-        if len(kept) < capacity:
-            kept.append(float(index))
-        else:
-            kept[rng.randrange(capacity)] = float(index)
-    return kept
-
-
-def off_by_one_sample(stream: int, capacity: int, rng: random.Random) -> Sequence[float]:
-    """Another plausible bug (randrange(seen + 1)): under-samples the stream's late values."""
-    kept: list[float] = []
-    for seen, index in enumerate(range(stream), start=1):
-        if len(kept) < capacity:
-            kept.append(float(index))
-        elif (slot := rng.randrange(seen + 1)) < capacity:
-            kept[slot] = float(index)
-    return kept
-
-
-def uniformity_p(sample: Sampler, stream: int, capacity: int, trials: int) -> float:
-    """Chi-square p of the survival counts against capacity/stream for every index."""
-    counts = survival_counts(sample, stream, capacity, trials)
-    assert sum(counts) == trials * capacity
-    expected = trials * capacity / stream
-    return float(scipy.stats.chisquare(counts, [expected] * stream).pvalue)
-
-
-# (stream, capacity, trials): a long stream through a small reservoir, and the smallest case,
-# where an off-by-one in the replacement probability is a large effect.
-SHAPES = [(200, 20, 2000), (4, 1, 8000)]
-
-
-@pytest.mark.parametrize(("stream", "capacity", "trials"), SHAPES)
-def test_reservoir_is_a_uniform_sample(stream: int, capacity: int, trials: int) -> None:
-    assert uniformity_p(reservoir_sample, stream, capacity, trials) > 0.001
-
-
-@pytest.mark.parametrize(
-    ("sample", "shape"), [(always_replace_sample, SHAPES[0]), (off_by_one_sample, SHAPES[1])]
-)
-def test_the_uniformity_check_catches_biased_samplers(
-    sample: Sampler, shape: tuple[int, int, int]
-) -> None:
-    assert uniformity_p(sample, *shape) < 1e-9
-
-
-def test_reservoir_keeps_its_capacity() -> None:
-    rng = random.Random(3)
-    reservoir = Reservoir(capacity=100)
-    for x in range(50):
-        reservoir.add(float(x), rng)
-    assert reservoir.values() == tuple(float(x) for x in range(50))  # all kept until full
-    for x in range(50, 10_000):
-        reservoir.add(float(x), rng)
-    assert len(reservoir.values()) == 100
-    assert reservoir.seen == 10_000
-    assert len(set(reservoir.values())) == 100
-    assert Reservoir().capacity == 2000
-    with pytest.raises(ValueError, match="capacity"):
-        Reservoir(capacity=0)
-
-
 # --- the signed-rank test ----------------------------------------------------------------
 
 
@@ -258,16 +170,33 @@ def test_wilcoxon_equals_scipy_with_ties_and_zeros(diffs: list[float]) -> None:
     if nonzero < MIN_WILCOXON_PAIRS:
         assert ours is None
         return
-    # scipy's `auto` would run a slow permutation test on 13 or fewer values with ties; we
-    # use the normal approximation there, as scipy itself does for more values with ties.
-    method = "auto" if len(diffs) > 13 else "asymptotic"
-    theirs = scipy.stats.wilcoxon(diffs, alternative="two-sided", method=method)
+    if len(diffs) <= PERMUTATION_MAX_N:
+        return  # scipy's own permutation branch takes seconds a call: the seeded cases below
+    theirs = scipy.stats.wilcoxon(diffs, alternative="two-sided")
     assert ours is not None
-    assert (ours.n, ours.statistic, ours.p) == (
+    assert (ours.n, ours.pairs, ours.statistic, ours.p) == (
         nonzero,
+        len(diffs),
         float(theirs.statistic),
         float(theirs.pvalue),
     )
+
+
+SMALL_WITH_TIES = [
+    [1.0, 2, 2, 3, -1, 4, 4, 5, 6, -2],  # the normal approximation says 0.0244, scipy 0.0254
+    [0.0, 1, -1, 2, 2, 3, 3, 3, -4, 5, 6],
+    [0.0, 0, 1, 2, -2, 3, 4, 4, 5, 6, 7, -7, 8],
+    [2.5, 2.5, 2.5, -2.5, 1, 1, -1, 3, 3, 4, 4, 4, 5],
+]
+
+
+@pytest.mark.parametrize("diffs", SMALL_WITH_TIES)
+def test_wilcoxon_equals_scipy_auto_on_small_samples_with_ties(diffs: list[float]) -> None:
+    ours = wilcoxon_test(diffs)
+    theirs = scipy.stats.wilcoxon(diffs, alternative="two-sided")  # its permutation test
+    assert ours is not None
+    assert ours.statistic == float(theirs.statistic)
+    assert ours.p == pytest.approx(float(theirs.pvalue), rel=1e-12)
 
 
 @FIXED
@@ -280,18 +209,20 @@ def test_wilcoxon_equals_scipy_auto_without_ties(signs: list[float]) -> None:
     assert (ours.statistic, ours.p) == (float(theirs.statistic), float(theirs.pvalue))
 
 
-def test_wilcoxon_on_a_reservoir_finds_a_shift_in_skewed_latencies() -> None:
-    rng, np_rng = random.Random(5), np.random.default_rng(5)
-    primary = np_rng.lognormal(3.0, 1.0, size=20_000)
-    shadow = primary * 1.02 + np_rng.normal(0.0, 1.0, size=20_000)  # 2 % slower
-    reservoir = Reservoir()
-    for d in (shadow - primary).tolist():
-        reservoir.add(d, rng)
-    result = wilcoxon_test(reservoir.values())
+def test_wilcoxon_finds_a_shift_in_skewed_latencies() -> None:
+    np_rng = np.random.default_rng(5)
+    primary = np_rng.lognormal(3.0, 1.0, size=10_000)
+    shadow = primary * 1.02 + np_rng.normal(0.0, 1.0, size=10_000)  # 2 % slower
+    result = wilcoxon_test((shadow - primary).tolist())
     assert result is not None
-    assert result.n == 2000
+    assert (result.n, result.pairs) == (10_000, 10_000)
     assert result.p < 1e-6
-    assert result.as_dict() == {"n": 2000, "statistic": result.statistic, "p": result.p}
+    assert result.as_dict() == {
+        "pairs": 10_000,
+        "n": 10_000,
+        "statistic": result.statistic,
+        "p": result.p,
+    }
 
 
 def test_wilcoxon_refuses_non_finite_differences() -> None:

@@ -399,13 +399,21 @@ PROMOTED = promote(RUNNING, T0, "operator")
         (PROMOTE, ROLLED_BACK, "cannot promote"),
         (PAUSE, PROMOTED, "cannot pause"),
         (RESUME, PROMOTED, "cannot resume"),
-        (ROLL_BACK, PROMOTED, "cannot roll back a rollout that is promoted"),
         (PROMOTE, PROMOTED, "cannot promote a rollout that is promoted"),
     ],
 )
 def test_illegal_transitions_raise(transition: Transition, r: Rollout, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         transition(r)
+
+
+def test_a_promoted_canary_not_yet_retired_can_still_be_rolled_back() -> None:
+    back = ROLL_BACK(PROMOTED)
+    assert (back.phase, back.reason, weight(RAMP, back, T0 + 5)) == (
+        Phase.ROLLED_BACK,
+        "operator",
+        0.0,
+    )
 
 
 # --- persistence ------------------------------------------------------------------------------

@@ -14,15 +14,16 @@ from hypothesis import strategies as st
 from scipy.stats import binom
 
 from gateway.core.sprt import (
-    E0_FLOOR,
     Decision,
     SprtBounds,
     SprtCounts,
-    evaluate,
+    alpha_spent,
     expected_sample_number,
     fixed_sample_size,
-    relative_bounds,
+    rejection_bound,
+    relative_increment,
     step,
+    wald_rejection_bound,
 )
 
 DEFAULTS = SprtBounds(e0=0.01, e1=0.05, alpha=0.01, beta=0.10)
@@ -33,11 +34,13 @@ FIXED = settings(derandomize=True, deadline=None)
 
 
 def run(bounds: SprtBounds, errors: list[bool]) -> tuple[SprtCounts, list[Decision]]:
-    """Feed `errors` through `step` from fresh counts; the counts left and every decision."""
-    counts, decisions = SprtCounts(), []
+    """Feed `errors` through `step` from fresh counts, test 1 and on after each ACCEPT; the
+    counts left and every decision."""
+    counts, decisions, test = SprtCounts(), [], 1
     for error in errors:
-        counts, verdict = step(bounds, counts, error)
+        counts, verdict = step(bounds, counts, error, test)
         decisions.append(verdict.decision)
+        test += verdict.decision is Decision.ACCEPT
     return counts, decisions
 
 
@@ -45,17 +48,25 @@ def run(bounds: SprtBounds, errors: list[bool]) -> tuple[SprtCounts, list[Decisi
 
 
 def test_default_bounds_are_the_documented_numbers() -> None:
-    assert abs(DEFAULTS.A - math.log(90)) <= 1e-12
+    # DESIGN 5: A_1 = ln 200 = 5.2983, A_2 = ln 600 = 6.3969, B = -2.2925
+    assert abs(DEFAULTS.A - math.log(200)) <= 1e-12
+    assert abs(DEFAULTS.a(2) - math.log(600)) <= 1e-12
     assert abs(DEFAULTS.B - math.log(0.1 / 0.99)) <= 1e-12
-    assert round(DEFAULTS.A, 4) == 4.4998
+    assert (round(DEFAULTS.A, 4), round(DEFAULTS.a(2), 4)) == (5.2983, 6.3969)
     assert round(DEFAULTS.B, 4) == -2.2925
+    assert round(wald_rejection_bound(0.01, 0.10), 4) == 4.4998  # the old single bound, ln 90
 
 
-def test_three_consecutive_errors_reject_and_two_do_not() -> None:
-    counts, decisions = run(DEFAULTS, [True, True, True])
-    assert decisions == [Decision.CONTINUE, Decision.CONTINUE, Decision.REJECT]
-    assert counts == SprtCounts(3, 3)  # kept on REJECT
-    assert DEFAULTS.llr(3, 3) == pytest.approx(3 * math.log(5), abs=1e-12)
+def test_four_consecutive_errors_reject_tests_one_and_two_and_three_do_not() -> None:
+    counts, decisions = run(DEFAULTS, [True] * 3)
+    assert decisions == [Decision.CONTINUE] * 3
+    assert DEFAULTS.llr(3, 3) == pytest.approx(3 * math.log(5), abs=1e-12)  # 4.83 < A_1
+    counts, verdict = step(DEFAULTS, counts, True)
+    assert verdict.decision is Decision.REJECT
+    assert counts == SprtCounts(4, 4)  # kept on REJECT
+    for test in (1, 2):  # 4 ln 5 = 6.44 is above A_1 and A_2, not A_3 = ln 1200 = 7.09
+        assert DEFAULTS.decide(4, 4, test) is Decision.REJECT
+    assert DEFAULTS.decide(4, 4, 3) is Decision.CONTINUE
 
 
 def test_fifty_six_clean_responses_accept_and_fifty_five_do_not() -> None:
@@ -69,20 +80,99 @@ def test_fifty_six_clean_responses_accept_and_fifty_five_do_not() -> None:
     assert counts == SprtCounts()  # the test restarts
 
 
-def test_monitoring_goes_on_after_accept() -> None:
-    counts, decisions = run(DEFAULTS, [False] * 56 + [True] * 3)
+def test_monitoring_goes_on_after_accept_against_the_next_bound() -> None:
+    counts, decisions = run(DEFAULTS, [False] * 56 + [True] * 4)
     assert decisions[55] is Decision.ACCEPT
-    assert decisions[56:] == [Decision.CONTINUE, Decision.CONTINUE, Decision.REJECT]
-    assert counts == SprtCounts(3, 3)  # counted from the restart, not from 59 responses
+    assert decisions[56:] == [Decision.CONTINUE] * 3 + [Decision.REJECT]  # 6.44 >= A_2 = 6.40
+    assert counts == SprtCounts(4, 4)  # counted from the restart, not from 60 responses
 
 
-def test_counts_are_kept_so_a_moved_e0_re_judges_them() -> None:
-    counts = SprtCounts(100, 3)
-    assert evaluate(DEFAULTS, counts).decision is Decision.CONTINUE
-    tighter = relative_bounds(0.0, epsilon=0.005, alpha=0.01, beta=0.10)
-    verdict = evaluate(tighter, counts)
-    assert verdict.decision is Decision.REJECT
-    assert verdict.llr == pytest.approx(3 * math.log(6) + 97 * math.log(0.994 / 0.999))
+# --- alpha spending (DESIGN 5) ---------------------------------------------------------------
+
+
+@FIXED
+@given(
+    alpha=st.floats(min_value=1e-6, max_value=0.5, allow_nan=False),
+    test=st.integers(1, 10**6),
+)
+def test_rejection_bound_is_ln_i_i_plus_1_over_alpha(alpha: float, test: int) -> None:
+    expected = math.log(test) + math.log(test + 1) - math.log(alpha)
+    assert rejection_bound(alpha, test) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert rejection_bound(alpha, test + 1) > rejection_bound(alpha, test)  # each test stricter
+    bounds = SprtBounds(e0=0.01, e1=0.05, alpha=alpha, beta=min(0.1, 0.99 - alpha))
+    assert bounds.a(test) == rejection_bound(alpha, test)
+
+
+@FIXED
+@given(alpha=st.floats(min_value=1e-6, max_value=0.5, allow_nan=False), tests=st.integers(1, 5000))
+def test_the_tests_budgets_sum_to_alpha_spent_and_never_beyond_alpha(
+    alpha: float, tests: int
+) -> None:
+    # Ville: test i's false rollback probability is at most exp(-A_i) = alpha/(i (i + 1)).
+    budgets = sum(math.exp(-rejection_bound(alpha, i)) for i in range(1, tests + 1))
+    assert budgets == pytest.approx(alpha_spent(alpha, tests), rel=1e-9)
+    assert alpha_spent(alpha, tests) < alpha
+
+
+def test_rejection_bound_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="numbered from 1"):
+        rejection_bound(0.01, 0)
+    with pytest.raises(ValueError, match="0 < alpha < 1"):
+        rejection_bound(0.0, 1)
+
+
+@FIXED
+@given(restarts=st.integers(0, 40), errors=st.integers(0, 12))
+def test_a_test_restarted_i_times_is_judged_against_a_of_i_plus_1(
+    restarts: int, errors: int
+) -> None:
+    """After `restarts` acceptances, `errors` consecutive errors reject iff llr >= A_{i}."""
+    counts, test = SprtCounts(), 1
+    for _ in range(restarts):
+        for _ in range(56):
+            counts, verdict = step(DEFAULTS, counts, False, test)
+        assert verdict.decision is Decision.ACCEPT
+        test += 1
+    assert test == restarts + 1
+    decision = Decision.CONTINUE
+    for _ in range(errors):
+        counts, verdict = step(DEFAULTS, counts, True, test)
+        decision = verdict.decision
+    threshold = math.log(test * (test + 1) / DEFAULTS.alpha)
+    assert (decision is Decision.REJECT) == (errors * math.log(5) >= threshold)
+
+
+# --- relative mode's increment -----------------------------------------------------------
+
+
+@FIXED
+@given(
+    q=st.floats(min_value=1e-6, max_value=1 - 1e-6, allow_nan=False),
+    ratio=st.floats(min_value=1.001, max_value=1000, allow_nan=False),
+)
+def test_relative_increment_is_the_bernoulli_log_likelihood_ratio(q: float, ratio: float) -> None:
+    p1 = ratio * q / (ratio * q + 1 - q)
+    from_canary = float(binom.logpmf(1, 1, p1) - binom.logpmf(1, 1, q))
+    from_stable = float(binom.logpmf(0, 1, p1) - binom.logpmf(0, 1, q))
+    assert relative_increment(q, ratio, from_canary=True) == pytest.approx(
+        from_canary, rel=1e-9, abs=1e-9
+    )
+    assert relative_increment(q, ratio, from_canary=False) == pytest.approx(
+        from_stable, rel=1e-9, abs=1e-9
+    )
+    # Under H0 its mean is -KL(q || p1) <= 0: exp(llr) is a supermartingale, as Ville needs.
+    mean = q * from_canary + (1 - q) * from_stable
+    assert mean <= 1e-12
+
+
+def test_relative_increment_at_the_edges_and_bad_input() -> None:
+    assert relative_increment(0.0, 2.0, from_canary=True) == pytest.approx(math.log(2))
+    assert relative_increment(0.0, 2.0, from_canary=False) == 0.0
+    assert relative_increment(1.0, 2.0, from_canary=True) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="ratio must be > 1"):
+        relative_increment(0.5, 1.0, from_canary=True)
+    with pytest.raises(ValueError, match="q must lie in"):
+        relative_increment(1.5, 2.0, from_canary=True)
 
 
 def test_counts_observe_and_plus() -> None:
@@ -91,19 +181,6 @@ def test_counts_observe_and_plus() -> None:
     assert counts.plus(SprtCounts(10, 2)) == SprtCounts(12, 3)
     with pytest.raises(ValueError, match="0 <= k <= n"):
         SprtCounts(1, 2)
-
-
-def test_relative_bounds_floor_and_epsilon() -> None:
-    floor = relative_bounds(0.0, epsilon=0.005, alpha=0.01, beta=0.10)
-    assert (floor.e0, floor.e1) == (E0_FLOOR, pytest.approx(0.006))
-    moved = relative_bounds(0.02, epsilon=0.005, alpha=0.02, beta=0.05)
-    assert (moved.e0, moved.e1, moved.alpha, moved.beta) == (0.02, pytest.approx(0.025), 0.02, 0.05)
-    broken_stable = relative_bounds(1.0, epsilon=0.05, alpha=0.01, beta=0.10)
-    assert 0 < broken_stable.e0 < broken_stable.e1 < 1  # still usable bounds
-    with pytest.raises(ValueError, match="epsilon"):
-        relative_bounds(0.01, epsilon=0.0, alpha=0.01, beta=0.10)
-    with pytest.raises(ValueError, match="stable_error_rate"):
-        relative_bounds(float("nan"), epsilon=0.01, alpha=0.01, beta=0.10)
 
 
 @pytest.mark.parametrize(
@@ -139,8 +216,12 @@ def test_expected_sample_number_matches_walds_closed_forms() -> None:
     b = DEFAULTS
     drift0 = b.e0 * math.log(b.e1 / b.e0) + (1 - b.e0) * math.log((1 - b.e1) / (1 - b.e0))
     drift1 = b.e1 * math.log(b.e1 / b.e0) + (1 - b.e1) * math.log((1 - b.e1) / (1 - b.e0))
-    at_e0 = ((1 - b.alpha) * b.B + b.alpha * b.A) / drift0
-    at_e1 = (b.beta * b.B + (1 - b.beta) * b.A) / drift1
+    # Wald's closed forms, with test 1's L(e0) = 1 - alpha and L(e1) = beta as approximations
+    # of the operating characteristic for the bound A_1 (exact for Wald's own A).
+    h0_accept = (math.exp(b.A) - 1) / (math.exp(b.A) - math.exp(b.B))
+    h1_accept = (math.exp(-b.A) - 1) / (math.exp(-b.A) - math.exp(-b.B))
+    at_e0 = (h0_accept * b.B + (1 - h0_accept) * b.A) / drift0
+    at_e1 = (h1_accept * b.B + (1 - h1_accept) * b.A) / drift1
     assert expected_sample_number(b, b.e0) == pytest.approx(at_e0, rel=1e-9)
     assert expected_sample_number(b, b.e1) == pytest.approx(at_e1, rel=1e-9)
     assert expected_sample_number(b, 0.0) == pytest.approx(b.B / math.log(0.95 / 0.99))
@@ -152,10 +233,9 @@ def test_expected_sample_number_is_continuous_where_the_drift_vanishes() -> None
     peak = expected_sample_number(DEFAULTS, zero_drift)
     second_moment = zero_drift * up**2 + (1 - zero_drift) * down**2
     assert peak == pytest.approx(-DEFAULTS.A * DEFAULTS.B / second_moment, rel=1e-9)
-    for offset in (-1e-4, -1e-6, 1e-6, 1e-4):
-        assert expected_sample_number(DEFAULTS, zero_drift + offset) == pytest.approx(
-            peak, rel=1e-3
-        )
+    # A_1 != -B, so the curve has a slope there: the nearer, the closer.
+    for offset, rel in ((-1e-4, 1e-2), (-1e-6, 1e-4), (1e-6, 1e-4), (1e-4, 1e-2)):
+        assert expected_sample_number(DEFAULTS, zero_drift + offset) == pytest.approx(peak, rel=rel)
 
 
 # --- properties --------------------------------------------------------------------------

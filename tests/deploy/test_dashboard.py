@@ -3,6 +3,7 @@ reads only metrics the gateway exports or the recording rules define."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,14 @@ from promql import (
     walk,
 )
 
-GLOBAL_METRICS = {"gateway_flag_store_up", "gateway_flag_store_sync_age_seconds"}  # no flag label
+GLOBAL_METRICS = {  # no flag label
+    "gateway_flag_store_up",
+    "gateway_flag_store_sync_age_seconds",
+    "gateway_flag_store_restores_total",
+    "gateway_build_info",
+    "gateway_fast_path",
+    "gateway_connections_refused_total",
+}
 PANEL_TYPES = {"row", "timeseries", "stat", "state-timeline"}
 
 
@@ -122,8 +130,12 @@ def test_the_issue_s_panels_are_there() -> None:
         "Canary weight",
         "Guard log-likelihood ratio",
         "Paired t statistic",
-        "p-value",
-        "Mean difference (shadow - primary)",
+        "p-value (fixed n)",
+        "Always-valid p-value",
+        "Mean difference, 95 % CI (fixed n)",
+        "Mean difference, 95 % confidence sequence",
+        "Verdict",
+        "Unmeasured pairs",
         "Flag store up by replica",
         "Sync age by replica",
         "Availability burn rate",
@@ -136,6 +148,32 @@ def test_the_issue_s_panels_are_there() -> None:
     assert 'bound="A"' in exprs and 'bound="B"' in exprs
     names = [a["name"] for a in dashboard()["annotations"]["list"]]
     assert "Rollbacks" in names
+
+
+def test_shadow_panels_need_no_decoding_of_the_stat_label() -> None:
+    # Each shadow panel shows what its title says: every query of gateway_shadow_ttest picks
+    # one stat, keeps the metric apart, and names its series without the stat label.
+    wanted = {
+        "p-value (fixed n)": {"p"},
+        "Always-valid p-value": {"p_always_valid"},
+        "Mean difference, 95 % CI (fixed n)": {"mean_diff", "ci95_low", "ci95_high"},
+        "Mean difference, 95 % confidence sequence": {"mean_diff", "cs95_low", "cs95_high"},
+        "Paired t statistic": {"t"},
+        "Pairs": {"n"},
+    }
+    by_title = {str(p["title"]): p for p in panels()}
+    for title, stats in wanted.items():
+        targets = by_title[title]["targets"]
+        shown = set()
+        for target in targets:  # type: ignore[attr-defined]
+            expr, legend = target["expr"], target["legendFormat"]
+            assert "gateway_shadow_ttest" in expr and "by (flag, shadow, metric)" in expr, title
+            (stat,) = re.findall(r'stat="([a-z0-9_]+)"', expr)
+            shown.add(stat)
+            assert "{{metric}}" in legend and "{{stat}}" not in legend, title
+        assert shown == stats, title
+    verdict = by_title["Verdict"]["targets"][0]["expr"]  # type: ignore[index]
+    assert "gateway_shadow_verdict" in verdict and "by (flag, shadow, metric)" in verdict
 
 
 def test_provisioning_points_at_the_dashboard_and_prometheus() -> None:

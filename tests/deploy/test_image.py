@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import subprocess
 import sys
@@ -51,7 +52,20 @@ def test_command_serves_with_the_baked_settings() -> None:
     assert settings.listen.host == settings.admin.host == "0.0.0.0"
     exposed = {int(p) for p in instructions("EXPOSE")[0].split()}
     assert exposed == {settings.listen.port, settings.admin.port}
-    assert f"http://127.0.0.1:{settings.admin.port}/healthz" in " ".join(healthcheck_argv())
+    assert healthcheck_argv() == ["python", "-m", "gateway.healthcheck"]
+
+
+def test_baked_flags_point_at_no_loopback_address() -> None:
+    """127.0.0.1 in a container is the container itself: no flag baked in may use it."""
+    baked = [c.split()[0] for c in instructions("COPY") if c.split()[-1].endswith("flags.yaml")]
+    assert baked, "the image bakes a flags file for the settings' store.flags_file"
+    for source in baked:
+        text = (REPO / source).read_text()
+        assert "127.0.0.1" not in text and "localhost" not in text, source
+        load_settings(DEPLOY / "docker" / "gateway.yaml", env={})
+        from gateway.flagstore import read_flags_file
+
+        read_flags_file(REPO / source)  # a valid flags file
 
 
 def test_copied_files_are_in_the_build_context() -> None:
@@ -79,17 +93,21 @@ def test_copied_files_are_in_the_build_context() -> None:
             assert sent(source), f"COPY {source}: excluded by .dockerignore"
 
 
-def test_healthcheck_command_passes_on_a_live_gateway_and_fails_without_one(
-    gateway_server: Callable[..., Any],
+def test_healthcheck_follows_the_configured_admin_port(
+    gateway_server: Callable[..., Any], tmp_path: Any
 ) -> None:
     # liveness needs no upstream: the flag's stable points at a port nobody listens on
     gw = gateway_server(flag_doc(f"http://127.0.0.1:{free_port()}", None))
     argv = healthcheck_argv()
-    assert argv[:2] == ["python", "-c"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
 
-    def probe(port: int) -> int:
-        code = argv[2].replace("127.0.0.1:9090", f"127.0.0.1:{port}")
-        return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode
+    def probe(env: dict[str, str]) -> int:
+        command = [sys.executable, *argv[1:]]
+        return subprocess.run(command, capture_output=True, env={**clean, **env}).returncode
 
-    assert probe(gw.admin_port) == 0
-    assert probe(free_port()) != 0
+    settings = tmp_path / "gateway.yaml"
+    settings.write_text(f"admin: {{host: 0.0.0.0, port: {gw.admin_port}}}\n")
+    assert probe({"GATEWAY_CONFIG": str(settings)}) == 0  # the port from the settings file
+    assert probe({"GATEWAY_ADMIN__PORT": str(gw.admin_port)}) == 0  # ... or the environment
+    assert probe({"GATEWAY_ADMIN__PORT": str(free_port())}) != 0  # nobody there
+    assert probe({"GATEWAY_ADMIN__PORT": "not-a-port"}) != 0

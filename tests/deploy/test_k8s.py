@@ -144,3 +144,30 @@ def test_kustomization_lists_every_core_manifest() -> None:
     listed = set(manifests()["Kustomization"]["resources"])
     core = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == core  # the ServiceMonitor needs the Prometheus Operator: opt in
+
+
+def test_admin_port_is_kept_in_the_cluster() -> None:
+    policy = manifests()["NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod()["metadata"]["labels"].items()
+    assert spec["policyTypes"] == ["Ingress"]
+    by_port = {p["port"]: rule for rule in spec["ingress"] for p in rule["ports"]}
+    assert set(by_port) == {"http", "admin"}
+    assert {"http", "admin"} == {p["name"] for p in container()["ports"]}
+    assert "from" not in by_port["http"]  # the data plane: whoever reaches the Service
+    # the admin port: pods of this cluster only (a namespace selector, never an ipBlock)
+    assert by_port["admin"]["from"] == [{"namespaceSelector": {}}]
+
+
+def test_prometheus_rule_is_generated_from_rules_yml() -> None:
+    """The committed PrometheusRule is what the generator makes of rules.yml today, so a rule
+    added to rules.yml without regenerating fails here."""
+    import runpy
+
+    generator = runpy.run_path(str(DEPLOY / "gen_prometheusrule.py"))
+    rules = (DEPLOY / "prometheus" / "rules.yml").read_text()
+    committed = (K8S / "monitoring" / "prometheusrule.yaml").read_text()
+    assert committed == generator["render"](rules), "run python deploy/gen_prometheusrule.py"
+    resource = manifests()["PrometheusRule"]
+    assert resource["spec"]["groups"] == yaml.safe_load(rules)["groups"]
+    assert resource["apiVersion"] == "monitoring.coreos.com/v1"

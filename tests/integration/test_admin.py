@@ -24,7 +24,7 @@ from conftest import GATEWAY_BIN, Server, flag_doc, free_port, running
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
-from gateway.admin import admin_routes
+from gateway.admin.routes import admin_routes
 from gateway.app import create_app
 from gateway.settings import load_settings
 
@@ -146,7 +146,12 @@ def test_crud_with_versions_etag_and_if_match(gw: AdminGateway) -> None:
         created = api.put("/admin/flags/crud", json=doc)
         assert created.status_code == 201, created.text
         assert created.headers["etag"] == '"1"'
-        assert created.json() == {"key": "crud", "version": 1, "document": {"key": "crud", **doc}}
+        assert created.json() == {
+            "key": "crud",
+            "version": 1,
+            "document": {"key": "crud", **doc},
+            "rollout": "keeps",  # no canary: nothing rolls out
+        }
 
         again = api.put("/admin/flags/crud", json=doc)
         assert again.status_code == 428 and again.json()["error"] == "precondition_required"
@@ -208,6 +213,33 @@ def test_422_lists_every_problem_and_keeps_the_flag(gw: AdminGateway) -> None:
         assert any(p.startswith("guard") for p in paths), paths
         kept = api.get("/admin/flags/strict").json()
         assert kept["version"] == 1 and "surprise" not in kept["document"]
+
+
+def test_retired_relative_mode_fields_and_a_ratio_of_one_get_422_naming_ratio(
+    gw: AdminGateway,
+) -> None:
+    with gw.client() as api:
+        create(api, "relative")
+        before = api.get("/admin/flags/relative").json()
+        old_style = one_flag(key="relative", prefix="/relative")
+        old_style["guard"] = {"mode": "relative", "epsilon": 0.005, "window": "5m"}
+        answer = api.put("/admin/flags/relative", json=old_style, headers={"If-Match": "1"})
+        assert answer.status_code == 422, answer.text
+        errors = {e["path"]: e["message"] for e in answer.json()["errors"]}
+        assert set(errors) == {"guard.epsilon", "guard.window"}, errors
+        assert all("ratio" in message for message in errors.values()), errors
+        for ratio in (1, 0.5):
+            flat = one_flag(key="relative", prefix="/relative")
+            flat["guard"] = {"mode": "relative", "ratio": ratio}
+            answer = api.put("/admin/flags/relative", json=flat, headers={"If-Match": "1"})
+            assert answer.status_code == 422, answer.text
+            [error] = answer.json()["errors"]
+            assert error["path"] == "guard.ratio" and "greater than 1" in error["message"], error
+        assert api.get("/admin/flags/relative").json() == before  # the good state stays
+        good = one_flag(key="relative", prefix="/relative")
+        good["guard"] = {"mode": "relative", "ratio": 3}
+        accepted = api.put("/admin/flags/relative", json=good, headers={"If-Match": "1"})
+        assert accepted.status_code == 200, accepted.text
 
 
 def test_overlapping_route_is_rejected(gw: AdminGateway) -> None:
@@ -437,12 +469,18 @@ def test_writes_answer_503_while_redis_is_away(
         assert deleted.status_code == 503 and deleted.json()["error"] == "store_unavailable"
         created = api.put("/admin/flags/fresh", json=one_flag(key="fresh", prefix="/fresh"))
         assert created.status_code == 503
+        # Reads are answered from the replica's snapshot meanwhile, marked stale.
+        stale = api.get("/admin/flags/sentiment")
+        assert stale.status_code == 200 and stale.json()["version"] == 1
+        assert stale.headers["x-gateway-stale"].startswith("sync-age=")
+        assert stale.json()["stale"]["sync_age_s"] >= 0
 
         restartable_redis.start()
         deadline = time.monotonic() + 10
-        while (got := api.get("/admin/flags/sentiment")).status_code == 503:
+        while "stale" in (got := api.get("/admin/flags/sentiment")).json():
             assert time.monotonic() < deadline, got.text
             time.sleep(0.1)
+        assert "x-gateway-stale" not in got.headers
         assert got.json()["version"] == 1 and got.json()["document"] == one_flag()
         assert api.get("/admin/flags/fresh").status_code == 404  # nothing half-written
         put = api.put("/admin/flags/sentiment", json=changed, headers={"If-Match": "1"})

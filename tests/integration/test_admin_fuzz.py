@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from gateway.openapi import openapi_document
+from gateway.admin.openapi import openapi_document
 
 OPERATOR = "fuzz-operator-secret-7c1d"
 AUTH = {"Authorization": f"Bearer {OPERATOR}"}

@@ -135,6 +135,29 @@ def test_apply_dry_run_shows_the_diff_and_changes_nothing_then_apply_does(
     assert versions(gw, *keys) == {"moved": 2, "kept": 1, "added": 1}
 
 
+def test_apply_dry_run_states_what_each_edit_does_to_the_rollout(
+    gw: AdminGateway, tmp_path: Path
+) -> None:
+    create(gw, flag("halted", canary="http://127.0.0.1:10"))
+    with gw.client() as api:
+        assert api.post("/admin/flags/halted/rollback", json={"reason": "bad"}).status_code == 200
+    rescheduled = flag("halted", canary="http://127.0.0.1:10", hold="2h")
+    fresh = flag("fresh", canary="http://127.0.0.1:10")
+    dry = cli(gw.admin_url, "flags", "apply", str(write(tmp_path, rescheduled, fresh)), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[:3] == [
+        "halted: 1 change(s) to version 1",
+        '  ~ schedule.steps[0].hold: "1h" → "2h"',
+        "  rollout: stays rolled back",
+    ]
+    assert "  rollout: starts a new rollout" in lines[lines.index("fresh: create (new flag)") :]
+
+    moved = flag("halted", canary="http://127.0.0.1:11")
+    dry = cli(gw.admin_url, "flags", "apply", str(write(tmp_path, moved)), "--dry-run")
+    assert "  rollout: starts a new rollout" in dry.stdout.splitlines(), dry.stdout
+
+
 def stale_edit_proxy(admin_url: str, key: str, uvicorn_app: Callable[..., Any]) -> str:
     """A real HTTP hop in front of the admin API where another operator edits `key` right
     after apply read it, so that apply's write carries a stale If-Match."""
@@ -170,7 +193,7 @@ def test_a_stale_concurrent_edit_is_a_conflict(
     proxy = stale_edit_proxy(gw.admin_url, "contested", uvicorn_app)
 
     done = cli(proxy, "flags", "apply", str(write(tmp_path, mine, flag("bystander"))))
-    assert done.returncode == 1
+    assert done.returncode == 4  # a conflict: documented exit code
     assert done.stderr.splitlines() == [
         "contested: conflict (409): flag 'contested' is at version 2, not 1: re-read it and retry",
         "1 of 2 flag(s) not applied",
@@ -250,7 +273,7 @@ def test_list_get_history_and_assign_print_what_the_api_says(
     assert lines[2].split()[1:] == ["alice", "replace", "v1", "→", "v2"]
     assert lines[3] == '    + salt: "k2"'
     as_json = cli(gw.admin_url, "flags", "history", "listed", "--json", token=VIEWER)
-    assert json.loads(as_json.stdout) == audit(gw, "listed")
+    assert json.loads(as_json.stdout) == {"events": audit(gw, "listed")}  # the API's answer
 
     units = [f"user-{i}" for i in range(5)]
     assigned = cli(gw.admin_url, "assign", "listed", units[0], *(f"--unit={u}" for u in units[1:]))
@@ -292,7 +315,7 @@ def test_clear_messages_for_refusals_and_an_unreachable_gateway(
     nobody = f"http://127.0.0.1:{free_port()}"
     for args in (["flags", "apply", file], ["assign", "sentiment", "u"]):
         down = cli(nobody, *args)
-        assert down.returncode == 1, args
+        assert down.returncode == 3, args  # unreachable: documented exit code
         assert down.stderr.startswith(f"cannot reach the gateway's admin API at {nobody}"), args
         assert "--admin-url" in down.stderr
 
@@ -305,7 +328,10 @@ def test_a_store_that_cannot_take_writes_is_reported(
     restartable_redis.stop()
     done = cli(gw.admin_url, "flags", "apply", str(file))
     assert done.returncode == 1
+    # The current versions are read from the replica's snapshot (a stale read); the write is
+    # what the store refuses.
     message = done.stderr.strip()
-    assert message.startswith("flag store unavailable (Redis at "), message
-    assert message.endswith(" (503): try again when the flag store is back"), message
+    assert message.startswith("sentiment: flag store unavailable (Redis at "), message
+    assert " (503): try again when the flag store is back" in message, message
+    assert message.endswith("1 of 1 flag(s) not applied"), message
     restartable_redis.start()

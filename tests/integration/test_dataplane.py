@@ -1,6 +1,7 @@
 """The request path end to end: a real `gateway serve`, real model servers, real sockets.
 
-Tests that exercise the upstream client run for both implementations (aiohttp and httpx).
+Tests that exercise the upstream client run for each `upstream.client`: the direct aiohttp
+client (the default), the stock aiohttp client on `ClientSession`, and httpx.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import mmh3
 import pytest
 from conftest import flag_doc, raw_http
 
-CLIENTS = ["aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
 
 
 def canary_by_formula(salt: str, unit: str, weight: float) -> bool:
@@ -309,3 +310,24 @@ def test_metrics_count_requests_per_variant(
         assert value == served.count(variant)
     assert 'gateway_canary_weight{flag="sentiment"} 0.5' in text
     assert "gateway_request_duration_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("client_kind", CLIENTS)
+def test_the_upstream_client_and_server_in_use_are_exported(
+    client_kind: str,
+    server_kind: str,
+    model_server: Callable[..., Any],
+    gateway_server: Callable[..., Any],
+) -> None:
+    """`gateway_fast_path{part}` names the client and the server that run: the ones configured
+    here, as the installed aiohttp and uvicorn are the tested ones (tests/core/test_servers.py
+    and test_client_choice.py have the fallbacks)."""
+    v1 = model_server("v1")
+    gw = gateway_server(flag_doc(v1.url, None), settings={"upstream": {"client": client_kind}})
+    assert httpx.get(f"{gw.url}/v1/sentiment/x").status_code == 200
+    text = httpx.get(f"{gw.admin_url}/metrics").text
+    lines = [line for line in text.splitlines() if line.startswith("gateway_fast_path{")]
+    client = [line for line in lines if 'part="client"' in line]
+    assert client == [f'gateway_fast_path{{impl="{client_kind}",part="client"}} 1.0'], lines
+    server = [line for line in lines if 'part="server"' in line]
+    assert server == [f'gateway_fast_path{{impl="{server_kind}",part="server"}} 1.0'], lines

@@ -1,4 +1,4 @@
-"""`Deadlines` (gateway/deadlines.py) on a real uvloop event loop: every timer that is not
+"""`Deadlines` (gateway/dataplane/deadlines.py) on a real uvloop event loop: every timer that is not
 stopped fires once, not before its delay, and a stopped one never fires.
 
 Times are read from the loop's own clock, which libuv keeps in whole milliseconds, so "not
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from gateway.deadlines import Deadlines
+from gateway.dataplane.deadlines import Deadlines
 
 MS = 0.001
 
@@ -111,7 +111,7 @@ def test_a_callback_may_stop_another_timer_of_its_slice(caplog: pytest.LogCaptur
         assert slices["a"] is slices["b"] is slices["boom"]
         await asyncio.sleep(1.1)
 
-    with caplog.at_level(logging.ERROR, logger="gateway.deadlines"):
+    with caplog.at_level(logging.ERROR, logger="gateway.dataplane.deadlines"):
         uvloop.run(main())
     assert sorted(fired) in (["a", "boom"], ["b", "boom"]), fired
     assert "a timer's callback failed" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -20,8 +21,16 @@ import redis.asyncio as aioredis
 from gateway.core.flags import parse_flag
 from gateway.core.paired import RunningStats
 from gateway.core.schedule import Phase, Rollout
+from gateway.core.totals import Totals
 from gateway.errors import ConflictError, NotFoundError, PreconditionRequired, StoreUnavailable
-from gateway.flagstore import AuditEvent, FlagStore, GuardCounts, MemoryStore, StoredFlag
+from gateway.flagstore import (
+    AuditEvent,
+    FlagStore,
+    GuardDelta,
+    GuardState,
+    MemoryStore,
+    StoredFlag,
+)
 from gateway.flagstore.base import ChangeKind
 from gateway.flagstore.redis import Keys, RedisStore, describe
 
@@ -140,16 +149,20 @@ def scratch(redis_url: str, scratch_redis_prefix: str) -> Iterator[str]:
     remove_keys(redis_url, scratch_redis_prefix)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-sentinel", "redis-cluster"])
 async def store(
     request: pytest.FixtureRequest, changes: Changes, redis_url: str, scratch: str
 ) -> AsyncIterator[FlagStore]:
-    """Each store, opened with `changes` as its on_change."""
+    """Each store, opened with `changes` as its on_change: the Redis store on a plain Redis,
+    on a real Sentinel deployment and on a real Cluster (tests/redis_topologies.py)."""
     opened: FlagStore
     if request.param == "memory":
         opened = MemoryStore(None)
-    else:
+    elif request.param == "redis":
         opened = RedisStore(redis_url, prefix=scratch)
+    else:
+        deployment = request.getfixturevalue(request.param.replace("-", "_"))
+        opened = RedisStore(deployment.url, prefix=scratch)
     await opened.open(changes)
     yield opened
     await opened.close()
@@ -231,7 +244,8 @@ async def test_delete_needs_the_current_version_and_takes_the_runtime_state(
     await put(store)
     await put(store, if_match=1, upstream="http://127.0.0.1:9002")
     await store.save_rollout("sentiment", started(), expected=None)
-    await store.add_guard_counts("sentiment", 10, 1, epoch=0)
+    await store.start_guard("sentiment", rollout="R1")
+    await store.add_guard_delta("sentiment", delta(1, 1, n=10, k=1))
 
     with pytest.raises(ConflictError) as stale:
         await store.delete("sentiment", if_match=1, event=audit_event("delete"))
@@ -242,7 +256,7 @@ async def test_delete_needs_the_current_version_and_takes_the_runtime_state(
     assert await store.get("sentiment") is None
     assert await store.load() == []
     assert await store.rollout("sentiment") is None
-    assert await store.add_guard_counts("sentiment", 0, 0, epoch=0) == GuardCounts(0, 0, 0)
+    assert await store.guard_state("sentiment") == GuardState()
     with pytest.raises(NotFoundError):
         await store.delete("sentiment", if_match=2, event=audit_event("delete"))
 
@@ -328,20 +342,73 @@ async def test_a_rollout_change_can_be_audited_with_it(store: FlagStore) -> None
     assert await store.audit() == [event]
 
 
-async def test_guard_counts_add_within_their_epoch_and_reset_once(store: FlagStore) -> None:
-    assert await store.add_guard_counts("sentiment", 10, 1, epoch=0) == GuardCounts(10, 1, 0)
-    assert await store.add_guard_counts("sentiment", 5, 2, epoch=0) == GuardCounts(15, 3, 0)
-    # A delta from another epoch is dropped; the current counts come back.
-    assert await store.add_guard_counts("sentiment", 7, 7, epoch=3) == GuardCounts(15, 3, 0)
+def delta(
+    seq: int, test: int, *, replica: str = "r1", rollout: str = "R1", **counts: Any
+) -> GuardDelta:
+    return GuardDelta(replica=replica, seq=seq, rollout=rollout, test=test, **counts)
 
-    assert await store.reset_guard("sentiment", epoch=0) == GuardCounts(0, 0, 1)
-    # A second replica resetting the same epoch loses and sees the winner's epoch.
-    assert await store.reset_guard("sentiment", epoch=0) == GuardCounts(0, 0, 1)
-    assert await store.add_guard_counts("sentiment", 4, 0, epoch=0) == GuardCounts(0, 0, 1)
-    assert await store.add_guard_counts("sentiment", 4, 1, epoch=1) == GuardCounts(4, 1, 1)
-    assert await store.add_guard_counts("other", 1, 1, epoch=0) == GuardCounts(1, 1, 0)
-    # A reset of an epoch not yet reached changes nothing either.
-    assert await store.reset_guard("sentiment", epoch=5) == GuardCounts(4, 1, 1)
+
+async def test_guard_state_is_versioned_by_rollout_and_test(store: FlagStore) -> None:
+    # Nothing counts before the rollout is named.
+    assert await store.add_guard_delta("sentiment", delta(1, 1, n=5)) == GuardState()
+    assert await store.start_guard("sentiment", rollout="R1") == GuardState(rollout="R1")
+    # A second replica starting the same rollout changes nothing.
+    await store.add_guard_delta("sentiment", delta(1, 1, n=10, k=1, canary_requests=10))
+    after = await store.start_guard("sentiment", rollout="R1")
+    assert (after.rollout, after.test, after.n, after.k) == ("R1", 1, 10, 1)
+
+    # A delta for another rollout, or a test not reached, is dropped.
+    assert await store.add_guard_delta("sentiment", delta(2, 1, rollout="R0", n=9)) == after
+    assert await store.add_guard_delta("sentiment", delta(3, 2, n=9)) == after
+
+    # Ending test 1 (accepted): test 2 at zero, the step's arm counts kept; once only.
+    ended = await store.end_guard_test(
+        "sentiment", rollout="R1", test=1, accepted=True, new_step=False
+    )
+    assert (ended.test, ended.accepts, ended.n, ended.k, ended.canary_requests) == (2, 1, 0, 0, 10)
+    again = await store.end_guard_test(
+        "sentiment", rollout="R1", test=1, accepted=True, new_step=False
+    )
+    assert again == ended
+    # A late delta for test 1 adds its requests to the step, not its trials to test 2.
+    late = await store.add_guard_delta("sentiment", delta(4, 1, n=3, k=1, canary_requests=3))
+    assert (late.test, late.n, late.k, late.canary_requests) == (2, 0, 0, 13)
+    now = await store.add_guard_delta(
+        "sentiment", delta(5, 2, n=2, k=1, llr=-0.25, stable_requests=7, stable_errors=1)
+    )
+    assert (now.n, now.k, now.llr, now.stable_requests, now.stable_errors) == (2, 1, -0.25, 7, 1)
+
+    # A new step: test 3, arm counts zeroed; a delta from the old step adds nothing at all.
+    step = await store.end_guard_test(
+        "sentiment", rollout="R1", test=2, accepted=False, new_step=True
+    )
+    assert (step.test, step.accepts, step.step_from, step.canary_requests) == (3, 1, 3, 0)
+    assert await store.add_guard_delta("sentiment", delta(6, 2, canary_requests=4)) == step
+
+    # A new rollout starts again at test 1; the old rollout's deltas are dropped.
+    fresh = await store.start_guard("sentiment", rollout="R2")
+    assert fresh == GuardState(rollout="R2")
+    assert await store.add_guard_delta("sentiment", delta(7, 3, n=1)) == fresh
+    assert await store.guard_state("other") == GuardState()
+
+
+async def test_a_guard_delta_sent_again_is_applied_once(store: FlagStore) -> None:
+    await store.start_guard("sentiment", rollout="R1")
+    first = delta(1, 1, n=10, k=2, canary_requests=10, canary_errors=2)
+    once = await store.add_guard_delta("sentiment", first)
+    # The reply was lost; the replica sends the same delta again (same replica and seq).
+    assert await store.add_guard_delta("sentiment", first) == once
+    assert (once.n, once.k, once.canary_requests) == (10, 2, 10)
+    # Another replica's seq 1 is its own; the first replica's next seq applies.
+    other = await store.add_guard_delta("sentiment", delta(1, 1, replica="r2", n=1))
+    assert other.n == 11
+    nxt = await store.add_guard_delta("sentiment", delta(2, 1, n=4, canary_requests=4))
+    assert (nxt.n, nxt.canary_requests) == (15, 14)
+    # Across an acceptance the seqs stay, so an old delta's arm counts do not come back twice.
+    await store.end_guard_test("sentiment", rollout="R1", test=1, accepted=True, new_step=False)
+    assert (
+        await store.add_guard_delta("sentiment", delta(2, 1, canary_requests=4))
+    ).canary_requests == 14
 
 
 async def test_writes_are_announced_to_on_change(store: FlagStore, changes: Changes) -> None:
@@ -360,15 +427,39 @@ async def test_writes_are_announced_to_on_change(store: FlagStore, changes: Chan
 
 async def test_shadow_stats_merge_fleet_wide(store: FlagStore) -> None:
     first, second = RunningStats.of([0.1, 0.25, -0.3]), RunningStats.of([1.5, 0.2])
-    line = json.dumps({"flag": "sentiment", "shadow": "v3", "d": 0.1})
+    line = json.dumps({"flag": "sentiment", "shadow": "v3", "metric": "latency_ms", "d": 0.1})
+    merge = store.merge_shadow_stats
 
-    assert await store.merge_shadow_stats("sentiment", "v3", first, [line]) == first
-    merged = await store.merge_shadow_stats("sentiment", "v3", second, [line, line])
+    assert await merge("sentiment", "v3", "latency_ms", first, [line]) == Totals(first)
+    merged = await merge("sentiment", "v3", "latency_ms", second, [line, line], unmeasured=2)
     # Exactly Chan's formula as the core computes it, so every replica agrees to the bit.
-    assert merged == first.merge(second)
-    assert await store.merge_shadow_stats("sentiment", "v3", RunningStats(), []) == merged
-    assert await store.merge_shadow_stats("sentiment", "v4", second, []) == second
-    assert await store.merge_shadow_stats("other", "v3", RunningStats(), []) == RunningStats()
+    assert merged == Totals(first.merge(second), unmeasured=2)
+    assert await merge("sentiment", "v3", "latency_ms", RunningStats(), []) == merged
+    assert await merge("sentiment", "v4", "latency_ms", second, []) == Totals(second)
+    assert await merge("sentiment", "v3", "json:/score", second, []) == Totals(second)
+    assert await merge("other", "v3", "latency_ms", RunningStats(), []) == Totals()
+    # The always-valid p's running minimum only goes down, whoever looked.
+    low = await merge("sentiment", "v3", "latency_ms", RunningStats(), [], p_look=0.25)
+    assert low.p_min == 0.25
+    again = await merge("sentiment", "v3", "latency_ms", RunningStats(), [], p_look=0.5)
+    assert again.p_min == 0.25
+    # The pair lines: Redis keeps them (capped) for the fleet-wide Wilcoxon test; one process
+    # keeps none (its own pairs are all there are).
+    kept = await store.shadow_pairs("sentiment", "v3")
+    assert kept == (None if store.kind == "memory" else [line, line, line])
+
+
+async def test_shadow_stats_freeze_the_default_tau_at_100_pairs(store: FlagStore) -> None:
+    values = [math.sin(i) * 3 + i % 7 for i in range(250)]
+    merge = store.merge_shadow_stats
+    at_60 = await merge("sentiment", "v3", "latency_ms", RunningStats.of(values[:60]), [])
+    assert at_60.tau is None
+    # The first merge reaching 100 pairs freezes the sample sd of all of them, to the bit.
+    at_130 = await merge("sentiment", "v3", "latency_ms", RunningStats.of(values[60:130]), [])
+    expected = Totals().merge(RunningStats.of(values[:60])).merge(RunningStats.of(values[60:130]))
+    assert at_130.tau == expected.tau == math.sqrt(expected.stats.m2 / 129)
+    later = await merge("sentiment", "v3", "latency_ms", RunningStats.of(values[130:]), [])
+    assert later.stats.n == 250 and later.tau == at_130.tau
 
 
 # --- Redis: concurrent writers ------------------------------------------------------------------
@@ -420,11 +511,16 @@ async def test_shadow_merges_from_many_replicas_add_up_and_keep_the_pair_lines(
 
     await asyncio.gather(
         *(
-            r.merge_shadow_stats("sentiment", "v3", RunningStats.of(b), [json.dumps({"d": b[0]})])
+            r.merge_shadow_stats(
+                "sentiment", "v3", "latency_ms", RunningStats.of(b), [json.dumps({"d": b[0]})]
+            )
             for r, b in zip(replicas, batches, strict=True)
         )
     )
-    final = await replicas[0].merge_shadow_stats("sentiment", "v3", RunningStats(), [])
+    totals = await replicas[0].merge_shadow_stats(
+        "sentiment", "v3", "latency_ms", RunningStats(), []
+    )
+    final = totals.stats
     everything = RunningStats.of(x for b in batches for x in b)
     assert final.n == everything.n == 200
     assert final.mean == pytest.approx(everything.mean, abs=1e-12)
@@ -476,7 +572,7 @@ async def test_a_write_on_one_replica_reaches_the_other(
     await heard.wait_for("flag", "sentiment")
     await a.save_rollout("sentiment", started(), expected=None)
     await heard.wait_for("rollout", "sentiment")
-    await a.reset_guard("sentiment", epoch=0)
+    await a.start_guard("sentiment", rollout="R1")
     await heard.wait_for("guard", "sentiment")
     stored = await b.get("sentiment")
     assert stored is not None
@@ -537,14 +633,17 @@ async def test_the_keys_follow_the_documented_layout(
     store = redis_stores()
     await put(store, actor="ci-deployer")
     await store.save_rollout("sentiment", started(), expected=None)
-    await store.add_guard_counts("sentiment", 3, 1, epoch=0)
+    await store.start_guard("sentiment", rollout="R1")
+    await store.add_guard_delta("sentiment", delta(1, 1, n=3, k=1, canary_requests=3))
 
     tag = f"{{{scratch}}}"
     async with aioredis.Redis.from_url(redis_url, decode_responses=True) as raw:
         assert set(await raw.keys(f"{tag}:*")) == {
             f"{tag}:flag:sentiment", f"{tag}:flags", f"{tag}:rollout:sentiment",
-            f"{tag}:guard:sentiment", f"{tag}:audit",
+            f"{tag}:guard:sentiment", f"{tag}:audit", f"{tag}:meta", f"{tag}:routes",
         }  # fmt: skip
+        meta = await raw.hgetall(f"{tag}:meta")
+        assert set(meta) == {"generation", "created_at"} and len(meta["generation"]) == 32
         flag = await raw.hgetall(f"{tag}:flag:sentiment")
         assert json.loads(flag.pop("doc")) == flag_document()
         assert flag.pop("updated_at")
@@ -553,7 +652,10 @@ async def test_the_keys_follow_the_documented_layout(
         rollout = await raw.hgetall(f"{tag}:rollout:sentiment")
         assert Rollout.from_dict(json.loads(rollout["state"])) == started()
         assert rollout["rev"] == "1"
-        assert await raw.hgetall(f"{tag}:guard:sentiment") == {"n": "3", "k": "1", "epoch": "0"}
+        assert await raw.hgetall(f"{tag}:guard:sentiment") == {
+            "rollout": "R1", "test": "1", "accepts": "0", "n": "3", "k": "1", "llr": "0",
+            "cn": "3", "ce": "0", "sn": "0", "se": "0", "step_from": "1", "seq:r1": "1",
+        }  # fmt: skip
         [(_, fields)] = cast(list[tuple[str, dict[str, str]]], await raw.xrange(f"{tag}:audit"))
         assert set(fields) == AUDIT_FIELDS
         assert (fields["actor"], fields["version_before"], fields["version_after"]) == (
@@ -667,8 +769,11 @@ async def _while_away(a: RedisStore, b: RedisStore, where: str) -> None:
         "delete": lambda: a.delete("sentiment", if_match=1, event=event),
         "record": lambda: a.record(event),
         "save_rollout": lambda: a.save_rollout("sentiment", started(2.0), expected=started()),
-        "add_guard_counts": lambda: a.add_guard_counts("sentiment", 1, 1, epoch=0),
-        "reset_guard": lambda: a.reset_guard("sentiment", epoch=0),
+        "add_guard_delta": lambda: a.add_guard_delta("sentiment", delta(1, 1, n=1)),
+        "end_guard_test": lambda: a.end_guard_test(
+            "sentiment", rollout="R1", test=1, accepted=True, new_step=False
+        ),
+        "start_guard": lambda: a.start_guard("sentiment", rollout="R1"),
     }
     await _each_refused(writes, where)
     with pytest.raises(StoreUnavailable, match=r"; nothing was written$"):
@@ -677,6 +782,7 @@ async def _while_away(a: RedisStore, b: RedisStore, where: str) -> None:
         "load": a.load,
         "get": lambda: a.get("sentiment"),
         "rollout": lambda: a.rollout("sentiment"),
+        "guard_state": lambda: a.guard_state("sentiment"),
         "audit": a.audit,
     }
     await _each_refused(reads, where)

@@ -19,6 +19,7 @@ import pytest
 import redis
 from conftest import flag_doc
 from scipy import stats
+from waiting import wait_until
 
 OPERATOR = "ops-token-123456"
 TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR}"}
@@ -72,8 +73,12 @@ def test_edits_propagate_to_every_replica(
             assert r.status_code == 200, r.text
             acknowledged = time.monotonic()
             for client in clients:
-                while client.get("/v1/sentiment").headers["x-gateway-variant"] != name:
-                    assert time.monotonic() - acknowledged < 2.0, "edit not served within 2 s"
+                wait_until(
+                    lambda c=client, n=name: (
+                        c.get("/v1/sentiment").headers["x-gateway-variant"] == n
+                    ),
+                    f"edit {edit} served by every replica",
+                )
                 delays.append(time.monotonic() - acknowledged)
     finally:
         for client in clients:
@@ -150,15 +155,16 @@ def test_redis_outage_costs_no_request_and_refuses_writes(
     worker = threading.Thread(target=traffic)
     worker.start()
     try:
-        time.sleep(0.5)
+        wait_until(lambda: served >= 100, "traffic before the outage")
         restartable_redis.stop()
-        time.sleep(1.0)
         version = 1
         r = put_flag(gw.admin_url, doc["flags"][0], version)
         assert r.status_code == 503, r.text
         assert "nothing was written" in r.json()["message"]
-        metrics = httpx.get(f"{gw.admin_url}/metrics").text
-        assert "gateway_flag_store_up 0.0" in metrics
+        wait_until(
+            lambda: "gateway_flag_store_up 0.0" in httpx.get(f"{gw.admin_url}/metrics").text,
+            "the gateway to report the store down",
+        )
         restartable_redis.start()
         deadline = time.monotonic() + 10
         while "gateway_flag_store_up 1.0" not in httpx.get(f"{gw.admin_url}/metrics").text:
@@ -328,17 +334,25 @@ def test_shadow_statistics_merge_across_replicas(
     while True:
         pairs = [json.loads(x) for path in logs for x in path.read_text().splitlines() if x]
         merged = [status(gw)["shadows"][0] for gw in replicas]
-        if len(pairs) == 300 and all(m["n"] == 300 for m in merged):
+        settled = all(m["n"] == m["wilcoxon"]["pairs"] == 300 for m in merged)
+        if len(pairs) == 300 and settled:
             break
         assert time.monotonic() < deadline, (len(pairs), [m["n"] for m in merged])
         time.sleep(0.1)
     oracle = stats.ttest_rel(
         [p["shadow_value"] for p in pairs], [p["primary_value"] for p in pairs]
     )
+    # The Wilcoxon test ranks both replicas' pairs, read from the store's pairs stream.
+    signed_rank = stats.wilcoxon([p["d"] for p in pairs])
     for m in merged:
         assert m["t"] == pytest.approx(float(oracle.statistic), rel=1e-9)
         assert m["p"] == pytest.approx(float(oracle.pvalue), rel=1e-6, abs=1e-300)
         assert m["mean_diff"] == pytest.approx(statistics.fmean(p["d"] for p in pairs), rel=1e-9)
+        assert (m["wilcoxon"]["pairs"], m["wilcoxon"]["pairs_from"]) == (300, "store")
+        assert m["wilcoxon"]["p"] == pytest.approx(float(signed_rank.pvalue), rel=1e-9)
+    # Both replicas mix with the one tau the store froze at its first 100 pairs.
+    assert merged[0]["tau"] == merged[1]["tau"] is not None
+    assert merged[0]["cs95"] == pytest.approx(merged[1]["cs95"], rel=1e-12)
 
 
 def test_workers_share_ports_and_metrics(

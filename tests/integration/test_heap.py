@@ -1,5 +1,5 @@
 """A served gateway freezes its start-up heap, and scipy's once the shadow tests load it
-(gateway/heap.py): full collections then walk only what came later. Young collections run
+(gateway/dataplane/heap.py): full collections then walk only what came later. Young collections run
 less often than CPython's default.
 
 Run in a child interpreter: freezing is per process, and the test process's heap is not ours
@@ -23,12 +23,12 @@ import httpx
 import pytest
 from conftest import Server, flag_doc, free_port
 
-from gateway.heap import YOUNG_THRESHOLD
+from gateway.dataplane.heap import YOUNG_THRESHOLD
 
 CHILD = """
 import asyncio, gc, json, os, signal, sys
 from gateway.app import create_app
-from gateway.server import serve_gateway
+from gateway.dataplane.server import serve_gateway
 from gateway.settings import Settings
 
 settings = Settings.model_validate(json.loads(sys.argv[1]))
@@ -97,7 +97,7 @@ GARBAGE_CHILD = """
 import asyncio, gc, json, signal, sys
 from pathlib import Path
 from gateway.app import create_app
-from gateway.server import serve_gateway
+from gateway.dataplane.server import serve_gateway
 from gateway.settings import Settings
 
 settings = Settings.model_validate(json.loads(sys.argv[1]))

@@ -30,10 +30,10 @@ import pytest
 import yaml
 from conftest import GATEWAY_BIN, Server, flag_doc, free_port, raw_http, running
 
-from gateway.proxy import MAX_HEADER_BYTES
+from gateway.dataplane.proxy import MAX_HEADER_BYTES
 
 MAX_BODY = 1000  # upstream.max_body_bytes for these gateways
-CLIENTS = ["aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
 
 # --- the trap: a listener no flag names ----------------------------------------------------------
 
@@ -88,6 +88,7 @@ class Stack:
     access_log: Path
     trap: Trap
     client: str
+    server: str  # server.http
 
     @property
     def port(self) -> int:
@@ -141,12 +142,16 @@ def gateway_stack(
 
 @pytest.fixture(scope="module", params=CLIENTS)
 def stack(
-    request: pytest.FixtureRequest, trap: Trap, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    trap: Trap,
+    tmp_path_factory: pytest.TempPathFactory,
+    server_kind: str,  # conftest: the gateway serves with it, so a new kind is a new stack
 ) -> Iterator[Stack]:
     client: str = request.param
-    with gateway_stack(client, trap, tmp_path_factory.mktemp(f"hostile-{client}")) as parts:
+    tmp = tmp_path_factory.mktemp(f"hostile-{client}-{server_kind}")
+    with gateway_stack(client, trap, tmp) as parts:
         gateway, model, access_log = parts
-        yield Stack(gateway, model, access_log, trap, client)
+        yield Stack(gateway, model, access_log, trap, client, server_kind)
 
 
 # --- a client that reads responses one at a time off a raw connection ----------------------------
@@ -803,6 +808,11 @@ def test_chunked_trailers_are_not_forwarded_as_headers(stack: Stack) -> None:
         answer = conn.answer()
     assert answer is not None and answer.status == 200, answer
     headers = answer.json()["headers"]
+    if stack.server == "stock":
+        # uvicorn's own protocol appends trailer fields to the request's header fields, where
+        # nothing tells them apart: `stock` does not keep this defence (docs/fast-path.md).
+        assert headers["x-trailer-injected"] == "yes", headers
+        return
     assert "x-trailer-injected" not in headers, headers
     assert "x-user-id" not in headers, headers
 
@@ -835,7 +845,7 @@ def test_absolute_uri_naming_another_host_is_refused_without_a_catch_all(
     def prefix_only(upstream: str) -> dict[str, Any]:
         return flag_doc(upstream, None)
 
-    with gateway_stack("aiohttp", trap, tmp_path, prefix_only) as (gateway, _model, _log):
+    with gateway_stack("aiohttp-direct", trap, tmp_path, prefix_only) as (gateway, _model, _log):
         t = trap.authority
         status, body = raw_http(
             gateway.port,

@@ -1,4 +1,5 @@
-"""The data plane's HTTP protocol (gateway/http_protocol.py) on a real uvicorn over loopback."""
+"""The data plane's HTTP protocol (dataplane/fast/http_protocol.py) on a real uvicorn, over
+loopback."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from conftest import UvicornHandle, raw_http
 from hypothesis import given
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+from waiting import wait_until
 
-from gateway.http_protocol import (
-    _NAME_BYTES,
-    _VALUE_BYTES,
+from gateway.dataplane.fast.http_protocol import (
+    NAME_BYTES,
     RESPOND_WHOLE,
+    VALUE_BYTES,
+    CoalescingTransport,
     GatewayHttpProtocol,
-    _CoalescingTransport,
 )
+from gateway.dataplane.servers import CHUNK_WRITER
 
 
 def test_a_complete_response_leaves_before_the_task_goes_on(
@@ -113,6 +116,111 @@ def test_head_and_body_written_in_separate_turns_both_arrive(
     status, body = raw_http(handle.port, b"GET / HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
     assert status == 200
     assert body == b"4\r\none,\r\n4\r\ntwo,\r\n5\r\nthree\r\n0\r\n\r\n"
+
+
+# --- the chunk writer: a chunked body straight to the connection -------------------------------
+
+PARTS = (b"data: one\n\n", b"data: two\n\n", b"data: three\n\n")
+
+
+async def _chunked_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with PARTS, through the chunk writer on /writer and uvicorn's `send` elsewhere."""
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    write = scope["extensions"][CHUNK_WRITER](send) if scope["path"] == "/writer" else None
+    for part in PARTS:
+        await asyncio.sleep(0.01)  # each part in a turn of its own
+        if write is None:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        elif not write(part) or not write(b""):  # an empty chunk writes nothing
+            await write.drain()
+    if write is None:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    else:
+        write.end()
+
+
+def test_the_chunk_writer_writes_what_uvicorns_send_writes_and_keeps_the_connection(
+    uvicorn_app: Callable[..., UvicornHandle],
+) -> None:
+    handle = uvicorn_app(_chunked_app, http=GatewayHttpProtocol, lifespan="off", date_header=False)
+    by_send, by_writer = (
+        _exchange(handle.port, *[b"GET /%s HTTP/1.1\r\nhost: gw\r\n\r\n" % path] * 2)
+        for path in (b"send", b"writer")
+    )
+    assert by_writer == by_send  # two answers each: the connection was kept alive for the next
+    assert by_writer.count(b"HTTP/1.1 200 OK") == 2
+    assert by_writer.count(b"transfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n") == 2
+    assert by_writer.endswith(b"d\r\ndata: three\n\n\r\n0\r\n\r\n")
+    closing = b"GET /writer HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n"
+    received = _exchange(handle.port, closing, closing)
+    assert received.count(b"HTTP/1.1 200 OK") == 1 and received.endswith(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("before-head", "no head has gone out yet"),
+        ("length", "a body with a Content-Length is not chunked"),
+        ("head", "a HEAD response has no body"),
+        ("wrapped", "only the server's own send tells which request it is"),
+        ("complete", "the response is over"),
+    ],
+)
+def test_the_chunk_writer_is_declined_where_the_body_is_not_chunks_to_come(
+    uvicorn_app: Callable[..., UvicornHandle], case: str, why: str
+) -> None:
+    offered: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        writer_for = scope["extensions"][CHUNK_WRITER]
+        if case == "before-head":
+            offered.append(writer_for(send))
+        head = [(b"content-length", b"2")] if case == "length" else []
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        if case in ("length", "head", "wrapped"):
+            offered.append(writer_for(send if case != "wrapped" else lambda m: send(m)))
+        await send({"type": "http.response.body", "body": b"ok"})
+        if case == "complete":
+            offered.append(writer_for(send))
+
+    handle = uvicorn_app(app, http=GatewayHttpProtocol, lifespan="off")
+    method = b"HEAD" if case == "head" else b"GET"
+    received = _exchange(handle.port, method + b" / HTTP/1.1\r\nhost: gw\r\n\r\n")
+    assert offered == [None], why
+    assert received.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_the_chunk_writer_says_when_the_client_is_not_reading_and_loses_nothing(
+    uvicorn_app: Callable[..., UvicornHandle],
+) -> None:
+    part = b"x" * 65536
+    written: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        write = scope["extensions"][CHUNK_WRITER](send)
+        while len(written) < 1000 and (written[-1] if written else True):
+            written.append(write(part))  # until the client's buffer is full
+            await asyncio.sleep(0)
+        await write.drain()  # returns once the client reads again
+        write(b"end")
+        write.end()
+
+    handle = uvicorn_app(app, http=GatewayHttpProtocol, lifespan="off")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", handle.port))
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        wait_until(lambda: written and not written[-1], "the writer to say the client is full")
+        sock.settimeout(30)
+        received = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert len(written) < 1000  # far fewer than the app would have written unchecked
+    body = received.partition(b"\r\n\r\n")[2]
+    assert body.count(b"10000\r\n" + part + b"\r\n") == len(written)
+    assert body.endswith(b"3\r\nend\r\n0\r\n\r\n")
 
 
 # --- respond_whole: a whole response in one call ------------------------------------------------
@@ -228,8 +336,8 @@ def test_whole_response_never_writes_a_head_that_could_be_split(
 
 @given(st.binary(max_size=64))
 def test_the_bad_byte_tables_find_what_uvicorns_expressions_find(data: bytes) -> None:
-    assert bool(data.translate(None, _NAME_BYTES)) == bool(HEADER_RE.search(data))
-    assert bool(data.translate(None, _VALUE_BYTES)) == bool(HEADER_VALUE_RE.search(data))
+    assert bool(data.translate(None, NAME_BYTES)) == bool(HEADER_RE.search(data))
+    assert bool(data.translate(None, VALUE_BYTES)) == bool(HEADER_VALUE_RE.search(data))
 
 
 def test_the_coalescing_transport_answers_every_transport_method_itself() -> None:
@@ -243,9 +351,9 @@ def test_the_coalescing_transport_answers_every_transport_method_itself() -> Non
         for name, value in vars(klass).items()
         if callable(value) and not name.startswith("_")
     }
-    missing = sorted(name for name in methods if name not in vars(_CoalescingTransport))
+    missing = sorted(name for name in methods if name not in vars(CoalescingTransport))
     assert missing == []
-    assert "__getattr__" not in vars(_CoalescingTransport)
+    assert "__getattr__" not in vars(CoalescingTransport)
 
 
 def test_the_coalescing_transport_counts_held_writes_and_drops_them_on_abort() -> None:
@@ -254,7 +362,7 @@ def test_the_coalescing_transport_counts_held_writes_and_drops_them_on_abort() -
         ours, theirs = socket.socketpair()
         with ours, theirs:
             transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
-            held = _CoalescingTransport(transport, loop)  # type: ignore[arg-type]
+            held = CoalescingTransport(transport, loop)  # type: ignore[arg-type]
             held.write(b"head")
             held.write(bytearray(b"body"))
             size = held.get_write_buffer_size()

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from conftest import Server, running
 
-from gateway.modelserver import CHUNK_BYTES, score_of
+from gateway.demo.modelserver import CHUNK_BYTES, score_of
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 

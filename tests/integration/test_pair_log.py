@@ -1,5 +1,5 @@
 """The pair log's handler on a real file: lines batched, none lost, `logging` kept as the way
-in for an operator's own handlers (gateway/pairlog.py)."""
+in for an operator's own handlers (gateway/control/pairlog.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pairlog import (
+from gateway.control.pairlog import (
     FLUSH_S,
     MAX_BUFFERED,
     PairLines,

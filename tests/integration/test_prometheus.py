@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import Server, flag_doc
+from conftest import GATEWAY_BIN, Server, flag_doc
 
 
 def _deploy_helpers() -> Any:
@@ -104,6 +104,9 @@ def wait_for(check: Callable[[], Any], what: str, *, timeout_s: float, log: Serv
     pytest.fail(f"timed out waiting for {what}\nprometheus log:\n{log.log()[-3000:]}")
 
 
+BUDGET = "error_budget_remaining"  # absent by design until the 30-day window has enough data
+
+
 def status(gw: Any) -> dict[str, Any]:
     r = httpx.get(f"{gw.admin_url}/admin/flags/sentiment/status", headers=AUTH)
     assert r.status_code == 200, r.text
@@ -121,7 +124,18 @@ def test_dashboard_queries_and_rollback_alert_on_a_real_prometheus(
     v2 = model_server("v2", error_rate=0.5, seed=1)
     v3 = model_server("v3", score_offset=0.1, seed=2)
     shadow = {"name": "v3", "upstream": v3.url, "sample": 1.0, "metric": "json:/score"}
-    gw = gateway_server(flag_doc(v1.url, v2.url, weight=0.5, shadows=[shadow]), env=TOKENS)
+    flags = flag_doc(v1.url, v2.url, weight=0.5, shadows=[shadow])
+    # A second flag in front of an OpenAI-compatible server, so the dashboard's LLM-stream
+    # panels (time to first token, gaps between events, completion tokens) have streams to show.
+    llm = spawn(
+        lambda port: [
+            str(GATEWAY_BIN),
+            *("model-server", "--openai", "--port", str(port), "--name", "llm"),
+            *("--ttft-ms", "5", "--tokens-per-s", "500", "--completion-tokens", "5"),
+        ]
+    )
+    flags["flags"] += flag_doc(llm.url, None, key="chat", prefix="/v1/chat")["flags"]
+    gw = gateway_server(flags, env=TOKENS)
     prometheus = start_prometheus(spawn, tmp_path, gw.admin_port)
 
     # Scraped while the canary is live, so the rollback is a change Prometheus sees (0 -> 1).
@@ -136,6 +150,10 @@ def test_dashboard_queries_and_rollback_alert_on_a_real_prometheus(
             body = f'{{"text": "request {i}"}}'.encode()
             r = client.post("/v1/sentiment", content=body, headers={"x-user-id": f"u{i}"})
             assert r.status_code in (200, 500), r.text
+        for i in range(5):
+            chat = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            r = client.post("/v1/chat/completions", json=chat, headers={"x-user-id": f"u{i}"})
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
     s = status(gw)
     assert s["state"] == "rolled_back" and s["reason"] == "sprt", s
     # What Prometheus scrapes passes its own linter (names, suffixes, help, types).
@@ -150,10 +168,14 @@ def test_dashboard_queries_and_rollback_alert_on_a_real_prometheus(
 
     def missing_data() -> list[str]:
         filled = (
-            (where, promql_checks.fill_variables(expr, {"$flag": "sentiment"}))
+            (where, promql_checks.fill_variables(expr, {"$flag": "sentiment|chat"}))
             for where, expr in promql_checks.dashboard_queries()
         )
-        return [f"{where}: {expr}" for where, expr in filled if not query(prometheus, expr)]
+        return [
+            f"{where}: {expr}"
+            for where, expr in filled
+            if BUDGET not in expr and not query(prometheus, expr)
+        ]
 
     empty: list[str] = []
 
@@ -165,6 +187,15 @@ def test_dashboard_queries_and_rollback_alert_on_a_real_prometheus(
     while not all_answer() and time.monotonic() < deadline:
         time.sleep(1.0)
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    # The 30-day budget waits for 10,000 requests: 300 requests (half of the canary's failing)
+    # must not read as a missed SLO on a fresh install.
+    wait_for(
+        lambda: query(prometheus, 'flag:gateway_requests:increase30d{flag="sentiment"}'),
+        "the 30-day request count (its rule group runs once a minute)",
+        timeout_s=150,
+        log=prometheus,
+    )
+    assert query(prometheus, f'flag:gateway_slo_availability:{BUDGET}{{flag="sentiment"}}') == []
 
     def rollback_alert() -> list[dict[str, Any]]:
         return [

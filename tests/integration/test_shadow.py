@@ -117,13 +117,17 @@ def test_paired_ttest_finds_a_score_offset_and_matches_scipy(
         assert low < 0.1 < high
     else:
         assert s["p"] > 0.01
-    wilcoxon = s["wilcoxon_signed_rank_on_reservoir"]
-    assert wilcoxon is not None and wilcoxon["n"] > 0
+    # The Wilcoxon test ran on this replica's own 600 pairs (the memory store's fleet).
+    wilcoxon = s["wilcoxon"]
+    assert (wilcoxon["pairs"], wilcoxon["pairs_from"]) == (600, "replica")
+    oracle_w = stats.wilcoxon([p["d"] for p in pairs])
+    assert wilcoxon["p"] == pytest.approx(float(oracle_w.pvalue), rel=1e-9, abs=1e-300)
     metrics = httpx.get(f"{gw.admin_url}/metrics").text
     assert (
         'gateway_shadow_requests_total{flag="sentiment",outcome="ok",shadow="v3"} 600.0' in metrics
     )
-    assert 'gateway_shadow_ttest{flag="sentiment",shadow="v3",stat="n"} 600.0' in metrics
+    n_gauge = 'gateway_shadow_ttest{flag="sentiment",metric="json:/score",shadow="v3",stat="n"}'
+    assert f"{n_gauge} 600.0" in metrics
 
 
 def test_slow_shadow_never_delays_the_primary(
@@ -230,3 +234,136 @@ def test_methods_outside_mirror_methods_are_never_mirrored(
     # (the readiness probe's GET of a test hook is in the log too; it did not come mirrored)
     methods = [line["method"] for line in read_pairs(log) if "_bytes" not in line["path"]]
     assert methods == ["POST"] * 5
+
+
+def metric_value(metrics: str, name: str, **labels: str) -> float | None:
+    """The value of the series `name{labels}` in a /metrics text (labels in any order)."""
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in metrics.splitlines():
+        if line.startswith(name + "{"):
+            series, value = line.rsplit(" ", 1)
+            if set(series[len(name) + 1 : -1].split(",")) == wanted:
+                return float(value)
+    return None
+
+
+def test_unmeasured_pairs_are_logged_counted_and_left_out(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    primary = model_server("v1", seed=3)
+    nan = model_server("v3", seed=4, score_fault="nan", score_fault_rate=0.4)
+    missing = model_server("v4", seed=5, score_fault="missing", score_fault_rate=0.25)
+    doc = flag_doc(primary.url, None)
+    metric = ["json:/score", "latency_ms"]
+    doc["flags"][0]["shadows"] = [
+        {"name": "v3", "upstream": nan.url, "metric": metric},
+        {"name": "v4", "upstream": missing.url, "metric": metric},
+    ]
+    pair_log = tmp_path / "pairs.jsonl"
+    gw = gateway_server(doc, settings={"shadow": {"pair_log": str(pair_log)}}, env=TOKENS)
+    answers = post_bodies(gw.url, 200)
+    # The primary is unaffected: every answer is v1's, with its number.
+    assert all(r.status_code == 200 and r.json()["model"] == "v1" for r, _ in answers)
+    assert all(isinstance(r.json()["score"], float) for r, _ in answers)
+    pairs = read_pairs(pair_log, 800, timeout_s=20)
+    assert len(pairs) == 800  # 200 requests x 2 shadows x 2 metrics, none lost
+    deadline = time.monotonic() + 20
+    while True:
+        doc_now = httpx.get(f"{gw.admin_url}/admin/flags/sentiment/status", headers=AUTH).json()
+        entries = {(e["shadow"], e["metric"]): e for e in doc_now["shadows"]}
+        if all(e["n"] + e["unmeasured"] == 200 for e in entries.values()):
+            break
+        assert time.monotonic() < deadline, entries
+        time.sleep(0.1)
+    assert set(entries) == {(s, m) for s in ("v3", "v4") for m in metric}
+    metrics = httpx.get(f"{gw.admin_url}/metrics").text
+    reasons = {"v3": "shadow: /score is not a number (str)", "v4": "shadow: no /score in the body"}
+    for shadow, why in reasons.items():
+        scored = [p for p in pairs if p["shadow"] == shadow and p["metric"] == "json:/score"]
+        lost = [p for p in scored if p["d"] is None]
+        kept = [p for p in scored if p["d"] is not None]
+        assert lost and kept and {p["reason"] for p in lost} == {why}
+        assert all(p["shadow_value"] is None and p["primary_value"] is not None for p in lost)
+        entry = entries[(shadow, "json:/score")]
+        assert (entry["n"], entry["unmeasured"]) == (len(kept), len(lost))
+        counted = metric_value(
+            metrics,
+            "gateway_shadow_requests_total",
+            flag="sentiment",
+            shadow=shadow,
+            outcome="unmeasured",
+        )
+        assert counted == len(lost)
+        # The statistics are those of the measured pairs alone, and finite.
+        oracle = stats.ttest_rel(
+            [p["shadow_value"] for p in kept], [p["primary_value"] for p in kept]
+        )
+        assert entry["t"] == pytest.approx(float(oracle.statistic), rel=1e-9)
+        assert entry["p"] == pytest.approx(float(oracle.pvalue), rel=1e-9)
+        assert all(isinstance(x, float) for x in (*entry["ci95"], entry["mean_diff"]))
+        latency = entries[(shadow, "latency_ms")]
+        assert (latency["n"], latency["unmeasured"]) == (200, 0)
+    # Holm runs over all four comparisons.
+    assert all(
+        "Holm over" in e["verdict"] or "not enough" in e["verdict"] for e in entries.values()
+    )
+
+
+def test_status_document_carries_every_comparison_field(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    primary = model_server("v1", seed=11, error_rate=0.05)
+    shadow = model_server("v3", seed=12, score_offset=0.1, error_rate=0.15)
+    metric = ["json:/score", "latency_ms", "error", "agreement"]
+    pair_log = tmp_path / "pairs.jsonl"
+    gw = gateway_server(
+        shadow_doc(primary.url, shadow.url, metric=metric, mde={"json:/score": 0.05}),
+        settings={"shadow": {"pair_log": str(pair_log)}},
+        env=TOKENS,
+    )
+    post_bodies(gw.url, 400)
+    pairs = read_pairs(pair_log, 1600, timeout_s=20)
+    assert len(pairs) == 1600
+    deadline = time.monotonic() + 20
+    while True:
+        r = httpx.get(f"{gw.admin_url}/admin/flags/sentiment/status", headers=AUTH)
+        entries = {e["metric"]: e for e in r.json()["shadows"]}
+        if all(e["n"] + e["unmeasured"] == 400 for e in entries.values()):
+            break
+        assert time.monotonic() < deadline, entries
+        time.sleep(0.1)
+    print(json.dumps(r.json(), indent=1))
+    by_metric = {m: [p for p in pairs if p["metric"] == m] for m in metric}
+    # json:/score: the 0.1 offset is found by the always-valid test, inside its CS.
+    score = entries["json:/score"]
+    assert score["tau"] == 0.05 and score["p_always_valid"] < 1e-6
+    assert score["cs95"][0] < 0.1 < score["cs95"][1]
+    assert score["ci95"][0] > score["cs95"][0] and score["ci95"][1] < score["cs95"][1]
+    assert score["verdict"] == "shadow higher (always-valid p < 0.01, Holm over 3)"
+    measured = [p["d"] for p in by_metric["json:/score"] if p["d"] is not None]
+    assert score["wilcoxon"]["pairs"] == len(measured) == score["n"]
+    assert score["wilcoxon"]["p"] == pytest.approx(stats.wilcoxon(measured).pvalue, rel=1e-9)
+    # error: McNemar on the discordant pairs of the log, and the t-test on d alongside.
+    errors = by_metric["error"]
+    b = sum(1 for p in errors if p["shadow_value"] == 1 and p["primary_value"] == 0)
+    c = sum(1 for p in errors if p["shadow_value"] == 0 and p["primary_value"] == 1)
+    mcnemar = entries["error"]["mcnemar"]
+    assert (mcnemar["shadow_only"], mcnemar["primary_only"]) == (b, c)
+    assert mcnemar["p"] == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
+    assert entries["error"]["t"] is not None
+    # agreement: a rate with Wilson's interval, no t-test.
+    agreement = entries["agreement"]
+    agreed = sum(1 for p in by_metric["agreement"] if p["d"] == 0)
+    assert agreement["agreement"]["k"] == agreed and agreement["agreement"]["n"] == 400
+    low, high = agreement["agreement"]["wilson95"]
+    assert 0.0 <= low <= agreed / 400 <= high <= 1.0
+    assert agreement["t"] is None and agreement["p_always_valid"] is None
+    assert agreement["verdict"].startswith("agrees on ")
+    metrics = httpx.get(f"{gw.admin_url}/metrics").text
+    verdict = metric_value(
+        metrics, "gateway_shadow_verdict", flag="sentiment", shadow="v3", metric="json:/score"
+    )
+    assert verdict == 1.0
+    for stat in ("p_always_valid", "cs95_low", "cs95_high", "ci95_low", "ci95_high", "p", "t"):
+        labels = {"flag": "sentiment", "shadow": "v3", "metric": "json:/score", "stat": stat}
+        assert metric_value(metrics, "gateway_shadow_ttest", **labels) is not None, stat

@@ -1,5 +1,6 @@
 """Graceful shutdown (DESIGN 10: SIGTERM drains in-flight requests, flushes counters, exits 0),
-on a real `gateway serve` process with the Redis store and real, slow model servers."""
+on a real `gateway serve` process with the Redis store and real, slow model servers, with each
+upstream client (`upstream.client`): the requests in flight are the client's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 import redis
 from conftest import flag_doc
 
@@ -19,6 +21,7 @@ OPERATOR = "ops-token-123456"
 TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR}"}
 GRACE_S = 10.0
 IN_FLIGHT = 50
+CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
 
 
 def in_flight(gw: Any) -> int:
@@ -33,7 +36,9 @@ def refuses_connections(port: int) -> bool:
         return True
 
 
+@pytest.mark.parametrize("client_kind", CLIENTS)
 def test_sigterm_drains_in_flight_requests_flushes_counts_and_exits_0(
+    client_kind: str,
     redis_url: str,
     scratch_redis_prefix: str,
     model_server: Callable[..., Any],
@@ -44,7 +49,11 @@ def test_sigterm_drains_in_flight_requests_flushes_counts_and_exits_0(
     store = {"kind": "redis", "url": redis_url, "prefix": scratch_redis_prefix}
     # Counts are flushed once at start and then only by shutdown: whatever reaches Redis after
     # the first flush was written by the SIGTERM path.
-    settings = {"store": {**store, "flush_interval_s": 3600}, "shutdown_grace_s": GRACE_S}
+    settings = {
+        "store": {**store, "flush_interval_s": 3600},
+        "shutdown_grace_s": GRACE_S,
+        "upstream": {"client": client_kind},
+    }
     gw = gateway_server(flag_doc(stable.url, canary.url, weight=0.5), settings=settings, env=TOKENS)
     raw = redis.Redis.from_url(redis_url, decode_responses=True)
     guard_key = f"{{{scratch_redis_prefix}}}:guard:sentiment"

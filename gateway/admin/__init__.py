@@ -1,0 +1,1 @@
+"""The admin API, its auth, OpenAPI, rollout actions, health and the console."""

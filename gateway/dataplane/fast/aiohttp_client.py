@@ -1,0 +1,467 @@
+"""The direct aiohttp client (`upstream.client: aiohttp-direct`, the default for HTTP/1.1
+model servers): aiohttp's connection pool, protocol and C response parser, driven below
+`ClientSession`.
+
+This module reaches into aiohttp's internals (`ClientRequest`, `ResponseHandler`, `Connection`,
+the protocol's parser and read timeout), so it is loaded only through the seam
+(gateway/dataplane/upstream/choice.py), only on the aiohttp releases it was tested with; the
+stock client on `ClientSession` (gateway/dataplane/upstream/aiohttp_client.py) takes its place
+elsewhere. It keeps the same promises as that client (DESIGN 10; the same errors, no invented
+headers, bodies undecoded, one retry of an idempotent request on a pooled connection the
+upstream closed), and skips what a proxy does not use.
+
+How, and why (bench/RESULTS.md, "Where the direct client's speed comes from", has the figures):
+- A request whose body is in memory goes the direct way: a connection from aiohttp's pool
+  (`TCPConnector`), the request head and body written in one call, the answer read by the
+  connection's protocol and parser. `ClientSession.request` wraps the same parts in request,
+  response, cookie, redirect, trace and middleware objects a proxy has no use for.
+- A streamed request body goes through the stock client, on the same pool, because
+  `ClientSession` writes the body while the answer may already be arriving.
+- A connection keeps the response parser the direct way set on it: a parser is left at a
+  message's end when its connection goes back to the pool, so it serves the connection's next
+  answers too, unless something else (a HEAD, a `ClientSession` request) replaced it.
+- The wait for the response head is timed by a `Deadlines` (one timer for many requests);
+  aiohttp's own read timeout watches only a body still arriving, with the same limit.
+- Request writes wait for the end of the event loop's turn (`TurnWrites`) and go out
+  together, so an upstream is woken once for all the requests of a turn rather than once for
+  each. With one request in flight the turn ends at once: the write waits for one poll of the
+  sockets.
+- A body can be pushed (`push_chunks`) rather than pulled: each piece the parser feeds is
+  handed to a callback there and then, with no coroutine woken for it (`_PushReader`). The
+  wait for each next piece is timed by a `Deadlines` too, in place of aiohttp's read timer,
+  which would be set again (a loop timer made and cancelled) on every read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest, ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.helpers import _EXC_SENTINEL
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from yarl import URL
+
+from gateway.dataplane.deadlines import Deadlines
+from gateway.dataplane.upstream.aiohttp_client import (
+    FAILURES,
+    AiohttpClient,
+    SessionResponse,
+    translate,
+)
+from gateway.dataplane.upstream.base import Body, Origin
+from gateway.errors import UnsendableRequest, UpstreamBadResponse, UpstreamError
+
+# Methods that may be sent again when a pooled connection turns out to be closed: RFC 9110
+# 9.2.2, as aiohttp's ClientSession does.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# aiohttp sends `Content-Length: 0` for a bodiless request of any other method; so do we.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# What the direct way meets besides ClientSession's errors: the parser's own, which
+# ClientSession would have wrapped in a ClientResponseError.
+_FAILURES = (*FAILURES, HttpProcessingError)
+# Where a connection's protocol keeps the parser the direct way set on it (see `_exchange`).
+_OWN_PARSER = "_gateway_parser"
+# Where a connection's protocol keeps the `_PushReader` of the body being pushed.
+_PUSH = "_gateway_push"
+
+
+class _OriginRequest(ClientRequest):
+    """The request TCPConnector.connect() is given for one origin: its pool key is worked
+    out once, where aiohttp's property builds it again on every call."""
+
+    @functools.cached_property
+    def connection_key(self) -> ConnectionKey:
+        return super().connection_key
+
+
+class _Route:
+    """What every request to one origin shares: the pool key and the Host header."""
+
+    __slots__ = ("host", "key_request", "path_prefix")
+
+    def __init__(self, origin: Origin) -> None:
+        self.host = origin.authority
+        self.path_prefix = origin.base_path
+        # TCPConnector.connect() takes a ClientRequest for the pool key, the TLS settings and
+        # the address; one per origin serves every request to it.
+        url = URL.build(scheme=origin.scheme, host=origin.host, port=origin.port)
+        loop = asyncio.get_running_loop()
+        self.key_request = _OriginRequest("GET", url, loop=loop, ssl=True)
+
+
+class _DirectResponse:
+    __slots__ = ("_body_deadlines", "_connection", "_payload", "headers", "status")
+
+    def __init__(
+        self,
+        connection: Connection,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        payload: StreamReader,
+        body_deadlines: Deadlines[_PushReader, None],
+    ) -> None:
+        self._connection: Connection | None = connection
+        self._payload = payload
+        self.status = status
+        self.headers = headers
+        self._body_deadlines = body_deadlines
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        payload = self._payload
+        try:
+            while chunk := await payload.readany():
+                yield chunk
+        except _FAILURES as exc:
+            raise _translate(exc) from exc
+
+    async def push_chunks(
+        self, on_chunk: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Hand the body to `on_chunk` piece by piece, each as the connection's parser feeds
+        it, from within the parser's call; return at the body's end.
+
+        When `on_chunk` returns False, reading from the upstream stops (as aiohttp's own
+        buffer limit stops it, and its read timeout with it) until `drain()` returns. A body
+        cut short (the connection lost mid-body, a bad chunk, the read timeout) raises the
+        `UpstreamError` `chunks()` would; an exception from `on_chunk` stops the body and is
+        raised as it is. Cancelled, the body is left unread: `aclose()` closes the connection.
+        """
+        payload, connection = self._payload, self._connection
+        protocol = connection.protocol if connection is not None else None
+        try:
+            while data := payload.read_nowait():  # what came before: the pull way, in order
+                if not on_chunk(data):
+                    await drain()
+        except _FAILURES as exc:
+            raise _translate(exc) from exc
+        if payload.is_eof():
+            return
+        if type(payload) is not StreamReader or protocol is None:
+            async for chunk in self.chunks():
+                if not on_chunk(chunk):
+                    await drain()
+            return
+        # The read timeout is the reader's from here: aiohttp's timer is dropped for good (the
+        # next exchange on the connection sets it again if its body needs it).
+        protocol.read_timeout = None
+        protocol._drop_timeout()
+        reader = _PushReader(protocol, on_chunk, self._body_deadlines)
+        setattr(protocol, _PUSH, reader)
+        payload.__class__ = _PushStream
+        try:
+            while await reader.wait() is _Push.PAUSED:
+                await drain()
+                reader.resume()
+        finally:
+            reader.stop_timer()
+            payload.__class__ = StreamReader
+            setattr(protocol, _PUSH, None)
+        if reader.failure is not None:
+            if reader.state is _Push.CUT:
+                raise _translate(reader.failure) from reader.failure
+            raise reader.failure
+
+    def complete_body(self) -> bytes | None:
+        payload = self._payload
+        if payload.is_eof() and payload.exception() is None:
+            return payload.read_nowait()
+        return None
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._payload.is_eof():
+            connection.release()  # back to the pool, unless the protocol says it must close
+        else:
+            connection.close()  # the rest of the body is still on the wire
+
+
+class _Push(enum.Enum):
+    FLOWING = "flowing"
+    PAUSED = "paused"  # the consumer asked for a pause: the connection is not read
+    ENDED = "ended"  # the body's clean end
+    CUT = "cut"  # the upstream's failure mid-body
+    REFUSED = "refused"  # the consumer raised
+
+
+class _PushReader:
+    """The consumer of one body being pushed: the parser's pieces go to `on_chunk`, and the
+    pushing coroutine is woken only when the body ends or the consumer asks for a pause.
+
+    While it reads, each wait for the next piece is timed (`deadlines`, of the read timeout):
+    one that does not come in time cuts the body as aiohttp's read timeout would. A pause is
+    the consumer's, not the upstream's: it is not timed."""
+
+    __slots__ = ("_deadlines", "_on_chunk", "_protocol", "_timers", "_waiter", "failure", "state")
+
+    def __init__(
+        self,
+        protocol: ResponseHandler,
+        on_chunk: Callable[[bytes], bool],
+        deadlines: Deadlines[_PushReader, None],
+    ) -> None:
+        self._protocol = protocol
+        self._on_chunk = on_chunk
+        self._deadlines = deadlines
+        self._timers: dict[_PushReader, None] | None = deadlines.start(self, None)
+        self._waiter: asyncio.Future[None] | None = None
+        self.state = _Push.FLOWING
+        self.failure: BaseException | None = None
+
+    def chunk(self, data: bytes) -> None:
+        state = self.state
+        if state is not _Push.FLOWING and state is not _Push.PAUSED:
+            return  # over: what the parser still feeds is left to the connection's close
+        timers = self._timers
+        if timers is not None:  # the next piece's wait starts now
+            timers.pop(self, None)
+            self._timers = self._deadlines.start(self, None)
+        try:
+            more = self._on_chunk(data)
+        except Exception as exc:  # the consumer's fault, not the upstream's
+            self._end(_Push.REFUSED, exc)
+            self._protocol.pause_reading()
+            return
+        if not more and state is _Push.FLOWING:
+            self._protocol.pause_reading()  # the parser stops after this piece
+            self.state = _Push.PAUSED
+            self.stop_timer()
+            self._wake()
+
+    def end(self, failure: BaseException | None) -> None:
+        if self.state is _Push.FLOWING or self.state is _Push.PAUSED:
+            self._end(_Push.ENDED if failure is None else _Push.CUT, failure)
+
+    def timed_out(self) -> None:
+        """No piece came within the read timeout: the body is cut, and no more is read."""
+        self._timers = None
+        if self.state is _Push.FLOWING:  # what still comes is dropped, until the close
+            self._end(_Push.CUT, aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+
+    def stop_timer(self) -> None:
+        timers, self._timers = self._timers, None
+        if timers is not None:
+            timers.pop(self, None)
+
+    def _end(self, state: _Push, failure: BaseException | None) -> None:
+        self.state, self.failure = state, failure
+        self.stop_timer()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> _Push:
+        """The state, once it is no longer FLOWING."""
+        if self.state is _Push.FLOWING:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.state
+
+    def resume(self) -> None:
+        """Read again after a pause; what the parser held back is fed at once."""
+        if self.state is _Push.PAUSED:
+            self.state = _Push.FLOWING
+            self._timers = self._deadlines.start(self, None)
+            self._protocol.resume_reading()
+
+
+class _PushStream(StreamReader):
+    """A response body's reader while the body is pushed: the parser's pieces go to the
+    connection's `_PushReader` instead of the buffer, and the HTTP chunks' bounds, kept for
+    reads of the buffer, are not kept. It adds no slot, so a StreamReader's class can be
+    switched to it and back."""
+
+    __slots__ = ()
+
+    def begin_http_chunk_receiving(self) -> None:
+        pass
+
+    def end_http_chunk_receiving(self) -> None:
+        pass
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        if data:
+            getattr(self._protocol, _PUSH).chunk(data)
+        return False
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        getattr(self._protocol, _PUSH).end(None)
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        super().set_exception(exc, exc_cause)
+        getattr(self._protocol, _PUSH).end(exc)
+
+
+class DirectAiohttpClient:
+    """One aiohttp connection pool for every HTTP/1.1 upstream, shared by the direct way and
+    the stock client it sends streamed bodies with."""
+
+    def __init__(
+        self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int
+    ) -> None:
+        self._stock = AiohttpClient(
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_connections=max_connections,
+        )
+        self._connector = self._stock.connector
+        self._timeout = self._stock.timeout
+        self._read_timeout_s = read_timeout_s
+        resolution_s = min(read_timeout_s / 10, 0.5)
+        self._head_deadlines: Deadlines[ResponseHandler, None] = Deadlines(
+            read_timeout_s, _head_timed_out, resolution_s=resolution_s
+        )
+        self._body_deadlines: Deadlines[_PushReader, None] = Deadlines(
+            read_timeout_s, _body_timed_out, resolution_s=resolution_s
+        )
+        self._routes: dict[Origin, _Route] = {}
+        self._writes = TurnWrites()
+
+    async def send(
+        self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
+    ) -> _DirectResponse | SessionResponse:
+        if body is not None and not isinstance(body, bytes):
+            return await self._stock.send(method, origin, target, headers, body)
+        route = self._routes.get(origin)
+        if route is None:
+            route = self._routes[origin] = _Route(origin)
+        head = _request_head(method, route, target, headers, body)
+        message = head + body if body else head
+        retry = method in _IDEMPOTENT
+        while True:
+            try:
+                connection = await self._connector.connect(route.key_request, [], self._timeout)
+            except _FAILURES as exc:
+                raise _translate(exc) from exc
+            try:
+                return await self._exchange(connection, method, message)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # Most likely a pooled connection the upstream closed while it sat idle.
+                connection.close()
+                if not retry:
+                    raise _translate(exc) from exc
+                retry = False
+            except _FAILURES as exc:
+                connection.close()
+                raise _translate(exc) from exc
+            except BaseException:
+                connection.close()
+                raise
+
+    async def _exchange(
+        self, connection: Connection, method: str, message: bytes
+    ) -> _DirectResponse:
+        protocol, transport = connection.protocol, connection.transport
+        if protocol is None or transport is None:
+            raise aiohttp.ServerDisconnectedError()
+        parser = getattr(protocol, "_parser", None)
+        if method == "HEAD" or parser is None or parser is not getattr(protocol, _OWN_PARSER, None):
+            protocol.set_response_params(
+                skip_payload=method == "HEAD",
+                read_until_eof=True,  # no length and no chunks: the body ends at the close
+                auto_decompress=False,
+            )
+            # A parser for HEAD expects no bodies; a ClientSession request sets its own.
+            setattr(protocol, _OWN_PARSER, None if method == "HEAD" else protocol._parser)
+        elif protocol.read_timeout is not None:
+            protocol.read_timeout = None  # set below for the previous response's body
+        self._writes.add(transport, message)
+        deadlines = self._head_deadlines
+        timers = deadlines.start(protocol, None)
+        try:
+            while True:
+                response, payload = await protocol.read()
+                # 1xx interim responses (100 Continue, 103 Early Hints) precede the real one.
+                if not 100 <= response.code <= 199 or response.code == 101:
+                    break
+        finally:
+            deadlines.stop(protocol, timers)
+        if not payload.is_eof():
+            # The rest of the body is on its way: each wait for more of it gets the read
+            # timeout, from aiohttp's timer, as on the ClientSession way.
+            protocol.read_timeout = self._read_timeout_s
+            protocol.start_timeout()
+        return _DirectResponse(
+            connection, response.code, response.raw_headers, payload, self._body_deadlines
+        )
+
+    async def aclose(self) -> None:
+        self._head_deadlines.close()
+        self._body_deadlines.close()
+        await self._stock.aclose()  # and the connector its session owns
+
+
+class TurnWrites:
+    """Request writes held until the end of the event loop's turn, then sent one after
+    another; a connection closed meanwhile gets nothing (its exchange fails as on any closed
+    connection)."""
+
+    __slots__ = ("_pending", "_scheduled")
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[asyncio.Transport, bytes]] = []
+        self._scheduled = False
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether a flush waits for the end of this turn."""
+        return self._scheduled
+
+    def add(self, transport: asyncio.Transport, data: bytes) -> None:
+        self._pending.append((transport, data))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for transport, data in pending:
+            if not transport.is_closing():
+                transport.write(data)
+
+
+def _request_head(
+    method: str, route: _Route, target: str, headers: list[tuple[str, str]], body: bytes | None
+) -> bytes:
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    # The names and values come from a request httptools parsed, or from the gateway itself;
+    # a line break in one would split the head, so it is refused rather than trusted.
+    if fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
+        raise UnsendableRequest("a forwarded header contains a line break")
+    if body:
+        length = f"Content-Length: {len(body)}\r\n"
+    else:
+        length = "" if method in _NO_BODY_METHODS else "Content-Length: 0\r\n"
+    start = f"{method} {route.path_prefix}{target} HTTP/1.1\r\nHost: {route.host}\r\n"
+    return f"{start}{fields}{length}\r\n".encode("latin-1")
+
+
+def _head_timed_out(protocol: ResponseHandler, _: None) -> None:
+    # What aiohttp's own read timeout raises: the exchange's `protocol.read()` raises it.
+    protocol.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+
+
+def _body_timed_out(reader: _PushReader, _: None) -> None:
+    reader.timed_out()
+
+
+def _translate(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, HttpProcessingError):  # an answer that is not HTTP: a bad response
+        return UpstreamBadResponse(f"upstream answer unreadable: {exc.__class__.__name__}: {exc}")
+    return translate(exc)

@@ -1,0 +1,1 @@
+"""The demo, its live view and the bundled model servers."""
