@@ -56,6 +56,9 @@ class FlagRuntime:
     shadows_want_body: bool = False  # a shadow metric reads the primary's response body
     models: frozenset[str] | None = None  # route.model: the JSON body's "model" must be one
     reads_body: bool = False  # routing, the unit or an arm's model needs the parsed JSON body
+    # Counts an answer given before a variant was assigned (a body-reading flag's request
+    # refused while its body was read): variant="" in gateway_requests_total.
+    count_unassigned: Callable[[int], None] = lambda status: None
 
     @property
     def key(self) -> str:
@@ -124,6 +127,7 @@ def compile_flag(
         reads_body=bool(route.model)
         or flag.unit.source == "body"
         or any(v.model for v in (flag.stable, flag.canary, *flag.variants, *flag.shadows) if v),
+        count_unassigned=lambda status: metrics.requests.labels(flag.key, "", str(status)).inc(),
     )
 
 

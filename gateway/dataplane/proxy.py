@@ -234,22 +234,23 @@ class Proxy:
             await _error(send, 404, "no_route", "no flag routes this path", request_id)
             return
         length = _header(headers, b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self._max_body):
-            status, msg = (
-                (400, "invalid Content-Length")
-                if not length.isdigit()
-                else (413, f"request body over the limit of {self._max_body} bytes")
-            )
-            await _error(
-                send, status, "bad_request" if status == 400 else "too_large", msg, request_id
-            )
-            return
+        declared_too_large = False
+        if length is not None:
+            if not length.isdigit():
+                await _error(send, 400, "bad_request", "invalid Content-Length", request_id)
+                return
+            declared_too_large = int(length) > self._max_body
         facts = _Facts(headers, scope["query_string"])
         body: object = _UNREAD
         if flag.reads_body:
+            if declared_too_large:
+                flag.count_unassigned(413)
+                await self._too_large(send, request_id, [])
+                return
             try:
                 body = await self._read_body(receive, whole=True)
             except BodyTooLarge:
+                flag.count_unassigned(413)
                 await self._too_large(send, request_id, [])
                 return
             except ClientGone:
@@ -268,6 +269,11 @@ class Proxy:
             rand=self._rand,
         )
         arm = flag.arms[assignment.variant]
+        if declared_too_large:
+            arm.meters.count(413)
+            extra = _variant_headers(arm, request_id, assignment)
+            await self._too_large(send, request_id, extra)
+            return
         await self._forward(
             scope, receive, send, flag, arm, assignment, request_id, body=body, json=facts.json
         )
@@ -289,6 +295,7 @@ class Proxy:
             try:
                 body = await self._read_body(receive)
             except BodyTooLarge:
+                arm.meters.count(413)
                 extra = _variant_headers(arm, request_id, assignment)
                 await self._too_large(send, request_id, extra)
                 return

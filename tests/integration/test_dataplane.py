@@ -146,6 +146,12 @@ def test_errors_are_json_with_the_right_status(
         body = response.json()
         assert body["error"] == error and body["message"], body
         assert body["request_id"] == response.headers["x-request-id"]
+    # Each answer to a routed request is counted under the variant it was assigned, the 413s
+    # (declared length, then streamed) too; an unrouted request has no flag to count under.
+    text = httpx.get(f"{gw.admin_url}/metrics").text
+    assert 'gateway_requests_total{code="413",flag="sentiment",variant="v1"} 2.0' in text, text
+    assert 'gateway_requests_total{code="502",flag="dead",variant="v1"} 1.0' in text, text
+    assert 'gateway_requests_total{code="504",flag="sentiment",variant="v1"} 1.0' in text, text
     for path in (b"/v1/sentiment/../admin", b"/v1/sentiment/%2e%2e/admin", b"/v1/sentiment%2fx"):
         request = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         status, body = raw_http(gw.server.port, request)

@@ -357,6 +357,8 @@ def test_a_body_over_the_limit_gets_413(one_llm: tuple[Any, Path]) -> None:
     r = httpx.post(f"{gw.url}/v1/chat/completions", content=chunked(), timeout=60)
     assert r.status_code == 413, r.text
     assert not log.exists() or records(log) == []
+    # Refused before the body could say which variant: counted for the flag, variant "".
+    assert sample(gw, "gateway_requests_total", flag="chat", variant="", code="413") == 2.0
 
 
 def test_the_llm_demo_rolls_back_a_canary_whose_ttft_regresses() -> None:
