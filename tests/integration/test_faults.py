@@ -25,6 +25,8 @@ import httpx
 import pytest
 import redis
 from conftest import flag_doc, stop
+from scrape import metric
+from waiting import wait_until
 
 # The upstream clients (`upstream.client`): the tests of an upstream that fails, stalls or is
 # left by its clients run on each.
@@ -42,32 +44,11 @@ SETTLE_S = 10.0
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def wait_until(check: Callable[[], Any], what: str, *, within_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {within_s} s waiting for {what}"
-        time.sleep(0.05)
-
-
 def status(gw: Any, key: str = "sentiment") -> dict[str, Any]:
     r = httpx.get(f"{gw.admin_url}/admin/flags/{key}/status", headers=AUTH)
     assert r.status_code == 200, r.text
     document: dict[str, Any] = r.json()
     return document
-
-
-def metric(gw: Any, name: str, **labels: str) -> float:
-    """The value of one exposed sample, its labels in any order (0.0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    sample = f"{name}{{{wanted}}}" if labels else name
-    for line in httpx.get(f"{gw.admin_url}/metrics").text.splitlines():
-        exposed, _, value = line.rpartition(" ")
-        if exposed == sample:
-            return float(value)
-    return 0.0
 
 
 def vitals(gw: Any) -> dict[str, int]:

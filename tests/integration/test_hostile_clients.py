@@ -31,6 +31,8 @@ import httpx
 import pytest
 from conftest import flag_doc
 from prometheus_client import generate_latest
+from scrape import metric
+from waiting import wait_until
 
 from gateway.app import create_app
 from gateway.settings import load_settings
@@ -42,27 +44,6 @@ TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR}"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], Any], what: str, *, within_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {within_s} s waiting for {what}"
-        time.sleep(0.05)
-
-
-def metric(gw: Any, name: str, **labels: str) -> float:
-    """The value of one exposed sample, its labels in any order (0.0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    sample = f"{name}{{{wanted}}}" if labels else name
-    for line in httpx.get(f"{gw.admin_url}/metrics").text.splitlines():
-        exposed, _, value = line.rpartition(" ")
-        if exposed == sample:
-            return float(value)
-    return 0.0
 
 
 def guard(gw: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import openai
 import pytest
 from conftest import GATEWAY_BIN
 from scipy import stats
+from scrape import metric
 from waiting import wait_until
 
 from gateway.core.assignment import bucket, canary_threshold
@@ -358,7 +359,7 @@ def test_a_body_over_the_limit_gets_413(one_llm: tuple[Any, Path]) -> None:
     assert r.status_code == 413, r.text
     assert not log.exists() or records(log) == []
     # Refused before the body could say which variant: counted for the flag, variant "".
-    assert sample(gw, "gateway_requests_total", flag="chat", variant="", code="413") == 2.0
+    assert metric(gw, "gateway_requests_total", flag="chat", variant="", code="413") == 2.0
 
 
 def test_the_llm_demo_rolls_back_a_canary_whose_ttft_regresses() -> None:
@@ -476,15 +477,6 @@ def ends_of(log: Path, request_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def sample(gw: Any, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in httpx.get(f"{gw.admin_url}/metrics").text.splitlines():
-        exposed, _, value = line.rpartition(" ")
-        if exposed == f"{name}{{{wanted}}}":
-            return float(value)
-    return 0.0
-
-
 def content(event: bytes) -> str | None:
     if not event.startswith(b"data: {"):
         return None
@@ -525,8 +517,8 @@ def test_each_event_reaches_the_client_before_the_upstream_has_finished(
     end = wait_until(lambda: ends_of(log, "first-early"), "the upstream's end")
     assert [e["event"] for e in end] == ["stream_end"]
     labels = {"flag": "chat", "variant": "v1"}
-    wait_until(lambda: sample(gw, "gateway_completion_tokens_total", **labels) == 5.0, "usage")
-    assert sample(gw, "gateway_ttft_seconds_count", **labels) == 2.0
+    wait_until(lambda: metric(gw, "gateway_completion_tokens_total", **labels) == 5.0, "usage")
+    assert metric(gw, "gateway_ttft_seconds_count", **labels) == 2.0
 
 
 @pytest.mark.parametrize(("server", "client"), RELAY_PATHS)
@@ -553,8 +545,8 @@ def test_a_stream_the_upstream_cuts_reaches_the_client_broken_and_counts_stream_
     assert stream.broken and not stream.ended
     labels = {"flag": "chat", "variant": "v1"}
     kind = "gateway_upstream_errors_total"
-    wait_until(lambda: sample(gw, kind, kind="stream_aborted", **labels) == 1.0, "the count")
-    assert sample(gw, kind, kind="mid_body", **labels) == 0.0
+    wait_until(lambda: metric(gw, kind, kind="stream_aborted", **labels) == 1.0, "the count")
+    assert metric(gw, kind, kind="mid_body", **labels) == 0.0
 
 
 @pytest.mark.parametrize(("server", "client"), RELAY_PATHS)
@@ -580,7 +572,7 @@ def test_a_stream_that_stalls_past_the_read_timeout_is_cut_and_counted(
     assert stream.broken and not stream.ended
     labels = {"flag": "chat", "variant": "v1"}
     kind = "gateway_upstream_errors_total"
-    wait_until(lambda: sample(gw, kind, kind="stream_aborted", **labels) == 1.0, "the count")
+    wait_until(lambda: metric(gw, kind, kind="stream_aborted", **labels) == 1.0, "the count")
 
 
 @pytest.mark.parametrize(("server", "client"), RELAY_PATHS)
@@ -607,8 +599,8 @@ def test_a_client_that_leaves_mid_stream_stops_the_upstream(
     # all, as a request whose client left never was), and the next stream is served whole.
     labels = {"flag": "chat", "variant": "v1"}
     for kind in ("stream_aborted", "mid_body"):
-        assert sample(gw, "gateway_upstream_errors_total", kind=kind, **labels) == 0.0
-    assert sample(gw, "gateway_ttft_seconds_count", **labels) == 0.0
+        assert metric(gw, "gateway_upstream_errors_total", kind=kind, **labels) == 0.0
+    assert metric(gw, "gateway_ttft_seconds_count", **labels) == 0.0
     again = RawStream(gw.server.port, {**body, "max_tokens": 2}, "after-1")
     try:
         assert again.rest()[-1] == b"data: [DONE]" and again.ended

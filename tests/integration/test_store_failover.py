@@ -22,8 +22,9 @@ import pytest
 import redis
 import redis_topologies
 from conftest import flag_doc, free_port, stop
-from test_faults import AUTH, SLOW_TO_ACCEPT, TOKENS, Traffic, wait_until
+from test_faults import AUTH, SLOW_TO_ACCEPT, TOKENS, Traffic
 from test_store_loss_fleet import admin, audit_actions, phase_in_redis, stable_flag
+from waiting import wait_until
 
 PROPAGATION_SAMPLES = 40
 FREEZE_S = 3.0

@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import redis
 from conftest import flag_doc, stop
-from test_faults import AUTH, SLOW_TO_ACCEPT, TOKENS, Traffic, metric, status, wait_until
+from scrape import metric
+from test_faults import AUTH, SLOW_TO_ACCEPT, TOKENS, Traffic, status
+from waiting import wait_until
 
 RESYNC_S = 0.5  # the timed resync, lowered so a 15 s load spans many of them
 LOAD_S = 15.0
