@@ -74,6 +74,10 @@ class ErrorPolicy:
         merely ended without `[DONE]` only when `stream_aborted` is listed; TTFT over the
         threshold (or no event at all by then) is `ttft_over:<ms>`.
         """
+        if failure is None and stream is None and status < 400:
+            # Nearly every answer: only its time can make it an error.
+            over = self.latency_over_s
+            return "latency_over" if over is not None and elapsed_s > over else None
         if stream is not None and status < 500 and failure not in ("timeout", "connect_error"):
             if stream.error_event and self.error_event:
                 return "error_event"

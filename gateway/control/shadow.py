@@ -26,7 +26,8 @@ from gateway.control.runtime import Arm, FlagRuntime
 from gateway.control.shadowstats import ShadowStats, signed_rank, verdicts
 from gateway.core.paired import paired_ttest
 from gateway.dataplane.bodyroute import with_model
-from gateway.dataplane.sse import StreamWatch, is_event_stream
+from gateway.dataplane.headers import is_event_stream
+from gateway.dataplane.sse import StreamWatch
 from gateway.dataplane.upstream import Body
 from gateway.errors import StoreUnavailable, UpstreamError
 from gateway.flagstore import FlagStore

@@ -40,6 +40,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _RESPONSE_DROP = HOP_BY_HOP | {b"x-gateway-variant", b"x-request-id"}
 
 
+EVENT_STREAM = b"text/event-stream"
+
 # Connection values that name no header beyond those dropped anyway (most upstreams send one).
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
@@ -87,17 +89,31 @@ def forwarded_request_headers(
     return out
 
 
-def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers to pass back; names lower-cased as ASGI wants them."""
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """Upstream response headers to pass back, names lower-cased as ASGI wants them, and
+    whether they announce an event stream (a first Content-Type of `text/event-stream`): the
+    one pass over the headers answers both."""
     out: list[tuple[bytes, bytes]] = []
     named: set[bytes] | None = None
+    content_type: bytes | None = None
     for name, value in raw:
         name = name.lower()
         if name in _RESPONSE_DROP or name[:6] == b"proxy-":
             if name == b"connection":
                 named = _named(value, named)
             continue
+        if name == b"content-type" and content_type is None:
+            content_type = value
         out.append((name, value))
     if named:
         out = [(n, v) for n, v in out if n not in named]
-    return out
+        return out, is_event_stream(out)
+    return out, content_type is not None and content_type[:17].lower() == EVENT_STREAM
+
+
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether (lower-case) response headers announce an event stream."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value[:17].lower() == EVENT_STREAM
+    return False

@@ -28,7 +28,7 @@ from gateway.dataplane.bodyroute import JsonBody
 from gateway.dataplane.deadlines import Deadlines
 from gateway.dataplane.headers import forwarded_request_headers, response_headers
 from gateway.dataplane.servers import ABORT_RESPONSE, CHUNK_WRITER, RESPOND_WHOLE, ChunkWriter
-from gateway.dataplane.sse import StreamWatch, is_event_stream
+from gateway.dataplane.sse import StreamWatch
 from gateway.dataplane.sse import relay as relay_events
 from gateway.dataplane.upstream import UpstreamResponse
 from gateway.errors import UnsendableRequest, UpstreamError, UpstreamTimeout
@@ -88,6 +88,7 @@ class ProxiedRequest:
         assignment: Assignment,
         request_id: bytes,
         body: bytes | _StreamedBody | None,
+        json: JsonBody | None = None,
     ) -> None:
         self.receive, self.send, self.flag = receive, send, flag
         # The server's one-call answer and reset (dataplane/servers.py), where it offers them.
@@ -104,7 +105,7 @@ class ProxiedRequest:
         self.client_gone = False
         self.finished = False
         self.watcher: asyncio.Future[Message] | None = None
-        self.json: JsonBody | None = None  # the parsed body, for flags that read it
+        self.json = json  # the parsed body, for flags that read it
 
     def body_for(self, arm: Arm) -> bytes | _StreamedBody | None:
         """What `arm`'s upstream receives: the body, with the arm's "model" when it has one."""
@@ -221,8 +222,7 @@ class Proxy:
             return
         problem = _path_problem(scope)
         if problem is None and scope["http_version"] not in _HTTP_VERSIONS:
-            # An HTTP/0.9 request line: the fast protocol refuses it before the app; a server
-            # that parses it as a request (uvicorn's own, llhttp) gets this answer instead.
+            # An HTTP/0.9 request line, which both servers' parser (llhttp) takes as a request.
             problem = "only HTTP/1.0 and HTTP/1.1 requests are served"
         if problem is not None:
             await _error(send, 400, "bad_request", problem, request_id)
@@ -274,9 +274,8 @@ class Proxy:
             extra = _variant_headers(arm, request_id, assignment)
             await self._too_large(send, request_id, extra)
             return
-        await self._forward(
-            scope, receive, send, flag, arm, assignment, request_id, body=body, json=facts.json
-        )
+        json = facts.json
+        await self._forward(scope, receive, send, flag, arm, assignment, request_id, body, json)
 
     async def _forward(
         self,
@@ -287,9 +286,8 @@ class Proxy:
         arm: Arm,
         assignment: Assignment,
         request_id: bytes,
-        *,
-        body: object = _UNREAD,
-        json: JsonBody | None = None,
+        body: object,
+        json: JsonBody | None,
     ) -> None:
         if body is _UNREAD:
             try:
@@ -309,8 +307,8 @@ class Proxy:
             assignment,
             request_id,
             body,  # type: ignore[arg-type]
+            json,
         )
-        request.json = json
         if flag.shadows and self.mirror is not None:
             request.pairing = self.mirror.begin(
                 flag, request.method, request.target, request.headers, request.body
@@ -407,8 +405,8 @@ class Proxy:
         capture = request.capture()
         stream = None
         try:
-            out_headers = response_headers(response.headers)
-            if is_event_stream(out_headers):
+            out_headers, event_stream = response_headers(response.headers)
+            if event_stream:
                 stream = StreamWatch(started)  # an event stream: relayed and watched (sse.py)
             out_headers.extend(request.extra(arm))
             body = response.complete_body()

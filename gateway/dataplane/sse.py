@@ -25,7 +25,7 @@ slow client. Otherwise it pulls chunks and sends ASGI messages.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,20 +35,11 @@ from gateway.dataplane.bodyroute import resolve
 if TYPE_CHECKING:
     from gateway.dataplane.servers import ChunkWriter
 
-EVENT_STREAM = b"text/event-stream"
 _DONE = (b"data: [DONE]", b"data:[DONE]")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 # `push(on_chunk, drain)`: an upstream response's `push_chunks` (dataplane/upstream/base.py).
 Push = Callable[[Callable[[bytes], bool], Callable[[], Awaitable[None]]], Awaitable[None]]
-
-
-def is_event_stream(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether (lower-case) response headers announce an event stream."""
-    for name, value in headers:
-        if name == b"content-type":
-            return value[:17].lower() == EVENT_STREAM
-    return False
 
 
 class StreamWatch:

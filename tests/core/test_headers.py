@@ -13,9 +13,11 @@ NAMES = [
     b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
     b"x-gateway-variant", b"content-type",
 ]  # fmt: skip
-VALUES = st.sampled_from(
-    [b"1", b"a b", b"keep-alive", b"close", b"x-foo", b"X-Foo, te", b" , ,x-user-id", b"Upgrade"]
-)
+VALUES = st.sampled_from([
+    b"1", b"a b", b"keep-alive", b"close", b"x-foo", b"X-Foo, te", b" , ,x-user-id", b"Upgrade",
+    b"text/event-stream", b"Text/Event-Stream; charset=utf-8", b"text/event",
+    b"Connection, content-type",
+])  # fmt: skip
 HEADERS = st.lists(st.tuples(st.sampled_from(NAMES), VALUES), max_size=12)
 REQUEST_SET_BY_GATEWAY = {
     b"content-length", b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto",
@@ -63,7 +65,13 @@ def test_response_headers_drop_hop_by_hop_and_lower_case_names(
         for n, v in headers
         if not hop(n.lower(), named) and n.lower() not in {b"x-gateway-variant", b"x-request-id"}
     ]
-    assert response_headers(headers) == expected
+    out, event_stream = response_headers(headers)
+    assert out == expected
+    # An event stream: the first Content-Type that is passed back says text/event-stream.
+    content_type = next((v for n, v in expected if n == b"content-type"), None)
+    assert event_stream == (
+        content_type is not None and content_type.lower().startswith(b"text/event-stream")
+    )
 
 
 def test_connection_naming_an_end_to_end_header_drops_it_both_ways() -> None:
@@ -71,4 +79,4 @@ def test_connection_naming_an_end_to_end_header_drops_it_both_ways() -> None:
     out = forwarded_request_headers(request, client_ip="10.0.0.1", scheme="http", request_id="r")
     assert ("x-secret", "1") not in out and ("accept", "*/*") in out
     answer = [(b"X-Secret", b"1"), (b"Connection", b"X-Secret"), (b"Server", b"m")]
-    assert response_headers(answer) == [(b"server", b"m")]
+    assert response_headers(answer) == ([(b"server", b"m")], False)

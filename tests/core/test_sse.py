@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from gateway.control.guard import ErrorPolicy
 from gateway.core.flags import Guard
 from gateway.dataplane.bodyroute import JsonBody, resolve
-from gateway.dataplane.sse import StreamWatch, assemble, is_event_stream, relay, stream_metric
+from gateway.dataplane.headers import is_event_stream
+from gateway.dataplane.sse import StreamWatch, assemble, relay, stream_metric
 
 WORDS = st.lists(st.sampled_from(["a", "b c", "error", "é", "\n", "[DONE]", '"x"']), max_size=12)
 

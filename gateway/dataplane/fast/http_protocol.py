@@ -13,8 +13,10 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable, Iterable
+from types import MappingProxyType
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -38,8 +40,6 @@ _FRAMING = frozenset({b"transfer-encoding", b"connection"})
 NAME_BYTES = bytes(b for b in range(256) if not HEADER_RE.match(bytes([b])))
 VALUE_BYTES = bytes(b for b in range(256) if not HEADER_VALUE_RE.match(bytes([b])))
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
-# llhttp also parses HTTP/0.9 request lines (`GET /`, no version, no headers); only these pass.
-_VERSIONS = frozenset({"1.0", "1.1"})
 _HEAD_TIMEOUT_BODY = orjson.dumps(
     {"error": "head_timeout", "message": "the request head did not arrive in time"}
 )
@@ -303,6 +303,13 @@ def chunk_writer(send: Callable[..., Any]) -> ChunkWriter | None:
     return ChunkWriter(cycle)
 
 
+# What every request's scope offers (`GatewayHttpProtocol`): one read-only mapping shared by
+# all of them, rather than a dict of its own filled for each request.
+_EXTENSIONS = MappingProxyType(
+    {RESPOND_WHOLE: respond_whole, ABORT_RESPONSE: abort_response, CHUNK_WRITER: chunk_writer}
+)
+
+
 class ConnectionLimits:
     """What one server (one worker's data port) allows its connections.
 
@@ -376,8 +383,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     messages through uvicorn's general `send`, resets the client's connection when an upstream
     fails mid-body, and relays an event stream chunk by chunk without a message per chunk.
 
-    Only HTTP/1.0 and 1.1 requests are served: an HTTP/0.9 request line (no version) gets
-    uvicorn's 400 for a request it cannot parse.
+    An HTTP/0.9 request line (no version), which llhttp parses, reaches the app like any
+    request; the proxy answers it 400, whichever server runs (dataplane/proxy.py).
 
     With `limits` (`with_limits`), the connection limits above apply.
     """
@@ -410,16 +417,31 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             timers.pop(self, None)
         super().connection_lost(exc)
 
-    def _unset_keepalive_if_required(self) -> None:
-        # uvicorn's, plus the head timer: the first bytes after an idle spell on a kept-alive
-        # connection start the next head's clock. Here rather than in `on_message_begin`, so
-        # that no request pays for a hook of its own.
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's, plus the head timer of a kept-alive connection: bytes after an idle spell
+        # that do not complete a head start the next head's clock. A head that arrives whole
+        # in one read, as nearly every one does, costs no timer at all.
         idle = self.timeout_keep_alive_task
+        cycle = self.cycle
         if idle is not None:
             idle.cancel()
             self.timeout_keep_alive_task = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if idle is not None and self.cycle is cycle:  # no head completed in this read
             limits = self.limits
-            if limits is not None and self.head_timers is None:
+            if limits is not None and self.head_timers is None and not self.transport.is_closing():
                 self.head_timers = limits.head.start(self, None)
 
     def timeout_keep_alive_handler(self) -> None:
@@ -433,17 +455,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if timers is not None:
             self.head_timers = None
             timers.pop(self, None)
-        if self.parser.get_http_version() not in _VERSIONS:
-            # Raised through httptools: uvicorn answers 400 and closes, as for any bad request.
-            raise ValueError("only HTTP/1.0 and HTTP/1.1 requests are served")
         super().on_headers_complete()
         cycle = self.cycle
         # An upgrade request returns early, before a cycle for it exists.
         if cycle is not None and cycle.scope is self.scope:
-            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-            extensions[RESPOND_WHOLE] = respond_whole
-            extensions[ABORT_RESPONSE] = abort_response
-            extensions[CHUNK_WRITER] = chunk_writer
+            scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+            theirs = scope.get("extensions")
+            scope["extensions"] = _EXTENSIONS if theirs is None else {**theirs, **_EXTENSIONS}
             # Trailer fields arrive through `on_header` too: they go to a list nobody reads,
             # not to the one in the scope (the next message starts a new one).
             self.headers = []
