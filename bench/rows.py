@@ -230,7 +230,7 @@ def _loopback(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 _ALL = "gateway, canary 0.5 + guard + metrics + 10 % shadow"
 # Every `upstream.client`, each with every feature on: `gateway-all-<client>`.
-CLIENTS = ("aiohttp-direct", "aiohttp", "httpx")
+CLIENTS = ("aiohttp-direct", "httptools", "aiohttp", "httpx")
 _EXTRA = ("canary", "shadow")
 
 ROWS: tuple[Row, ...] = (
@@ -268,7 +268,7 @@ ROWS: tuple[Row, ...] = (
         users=True,
         upstreams=_EXTRA,
     ),
-    *(  # the rest of the server x client matrix; stock + aiohttp is the whole stock fallback
+    *(  # the rest of the server x client matrix; stock + httptools is the whole stock fallback
         Row(
             f"gateway-all-stock-{client}",
             f"{_ALL}, server.http: stock, upstream.client: {client}",

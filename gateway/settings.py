@@ -64,9 +64,10 @@ class Store(_Section):
     snapshot_file: str | None = None
 
 
-# aiohttp-direct: aiohttp driven below ClientSession (gateway/dataplane/fast/); aiohttp: its
-# ClientSession; httpx. HTTP/2 upstreams always use httpx.
-ClientKind = Literal["aiohttp-direct", "aiohttp", "httpx"]
+# aiohttp-direct: aiohttp driven below ClientSession (gateway/dataplane/fast/); httptools:
+# HTTP/1.1 on asyncio with httptools' parser, public APIs only (the direct one's fallback);
+# aiohttp: its ClientSession; httpx. HTTP/2 upstreams always use httpx.
+ClientKind = Literal["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 
 
 class Upstream(_Section):

@@ -1,6 +1,6 @@
 """The seam in front of the direct aiohttp client (gateway/dataplane/upstream/choice.py): which
-client runs for each `upstream.client`, and the fallback to the stock aiohttp client, with one
-warning, when the direct one is not for this aiohttp or does not load."""
+client runs for each `upstream.client`, and the fallback to the httptools client (public APIs
+only), with one warning, when the direct one is not for this aiohttp or does not load."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import logging
 
 import pytest
 
-from gateway.dataplane.upstream.aiohttp_client import AiohttpClient
 from gateway.dataplane.upstream.choice import (
     TESTED_AIOHTTP,
     ClientFactory,
     choose_client,
     within,
 )
+from gateway.dataplane.upstream.httptools_client import HttptoolsClient
 
 LOGGER = "gateway.dataplane.upstream.choice"
 TESTED = ".".join(map(str, TESTED_AIOHTTP[0])) + ".2"
@@ -46,7 +46,7 @@ def test_the_installed_aiohttp_loads_the_direct_client(caplog: pytest.LogCapture
     assert caplog.records == []
 
 
-@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("kind", ["httptools", "aiohttp", "httpx"])
 def test_the_stock_clients_are_what_they_say_and_never_load_the_direct_one(kind: str) -> None:
     def refuse() -> ClientFactory:
         raise AssertionError("the direct client was loaded for a stock choice")
@@ -56,7 +56,7 @@ def test_the_stock_clients_are_what_they_say_and_never_load_the_direct_one(kind:
 
 
 @pytest.mark.parametrize("release", ["3.13.3", "3.15.0", "4.0.0a0"])
-def test_an_untested_aiohttp_gets_the_stock_client_and_one_warning(
+def test_an_untested_aiohttp_gets_the_httptools_client_and_one_warning(
     release: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     def refuse() -> ClientFactory:
@@ -64,16 +64,16 @@ def test_an_untested_aiohttp_gets_the_stock_client_and_one_warning(
 
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         choice = choose_client("aiohttp-direct", aiohttp_version=release, load_direct=refuse)
-    assert (choice.impl, choice.make) == ("aiohttp", AiohttpClient)
+    assert (choice.impl, choice.make) == ("httptools", HttptoolsClient)
     [record] = caplog.records
     assert record.levelno == logging.WARNING
-    assert release in record.getMessage() and "stock aiohttp client" in record.getMessage()
+    assert release in record.getMessage() and "httptools client" in record.getMessage()
 
 
 @pytest.mark.parametrize(
     "failure", [ImportError("cannot import name 'ResponseHandler'"), TypeError("bad base")]
 )
-def test_a_direct_client_that_fails_to_load_gets_the_stock_client_and_one_warning(
+def test_a_direct_client_that_fails_to_load_gets_the_httptools_client_and_one_warning(
     failure: Exception, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken() -> ClientFactory:
@@ -81,6 +81,6 @@ def test_a_direct_client_that_fails_to_load_gets_the_stock_client_and_one_warnin
 
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         choice = choose_client("aiohttp-direct", aiohttp_version=TESTED, load_direct=broken)
-    assert (choice.impl, choice.make) == ("aiohttp", AiohttpClient)
+    assert (choice.impl, choice.make) == ("httptools", HttptoolsClient)
     [record] = caplog.records
     assert str(failure) in record.getMessage()

@@ -18,7 +18,7 @@ import mmh3
 import pytest
 from conftest import flag_doc, raw_http
 
-CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 
 
 def canary_by_formula(salt: str, unit: str, weight: float) -> bool:

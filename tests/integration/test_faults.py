@@ -30,7 +30,7 @@ from waiting import wait_until
 
 # The upstream clients (`upstream.client`): the tests of an upstream that fails, stalls or is
 # left by its clients run on each.
-CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 
 OPERATOR = "ops-token-123456"
 TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR}"}

@@ -37,7 +37,7 @@ from waiting import wait_until
 from gateway.app import create_app
 from gateway.settings import load_settings
 
-CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 RULES = [{"if": {"header": "x-canary", "equals": "always"}, "then": "canary"}]
 OPERATOR = "ops-token-123456"
 TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR}"}

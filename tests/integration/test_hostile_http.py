@@ -33,7 +33,7 @@ from conftest import GATEWAY_BIN, Server, flag_doc, free_port, raw_http, running
 from gateway.dataplane.proxy import MAX_HEADER_BYTES
 
 MAX_BODY = 1000  # upstream.max_body_bytes for these gateways
-CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 
 # --- the trap: a listener no flag names ----------------------------------------------------------
 

@@ -21,7 +21,7 @@ OPERATOR = "ops-token-123456"
 TOKENS = {"GATEWAY_ADMIN_TOKENS": f"ops:operator:{OPERATOR}"}
 GRACE_S = 10.0
 IN_FLIGHT = 50
-CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 
 
 def in_flight(gw: Any) -> int:

@@ -14,8 +14,10 @@ reuse are checked byte for byte here for all three.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +26,9 @@ import httpx
 import pytest
 from conftest import flag_doc, raw_http
 
-from gateway.dataplane.fast.aiohttp_client import TurnWrites
+from gateway.dataplane.upstream.wire import TurnWrites
 
-CLIENTS = ["aiohttp-direct", "aiohttp", "httpx"]
+CLIENTS = ["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 
 
 @dataclass(frozen=True)
@@ -301,7 +303,7 @@ def test_connection_close_from_the_upstream_is_honoured(
     assert [s.connection for s in up.seen] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("client", ["aiohttp-direct", "aiohttp"])
+@pytest.mark.parametrize("client", ["aiohttp-direct", "httptools", "aiohttp"])
 def test_a_pooled_connection_the_upstream_dropped_is_retried_for_get_but_not_for_post(
     client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
 ) -> None:
@@ -363,6 +365,38 @@ def test_an_ipv6_upstream_is_reached_with_a_bracketed_host(
     assert up.seen[0].request_line == b"POST /v1/sentiment/x?q=1 HTTP/1.1"
     assert up.seen[0].field(b"host") == up.url.removeprefix("http://").encode()
     assert len(up.seen[1].body) == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_upstream_max_connections_bounds_the_pool_and_every_request_is_served(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    """`upstream.max_connections: 2` with 8 requests at once, each held 0.2 s by the upstream:
+    at most 2 are at the upstream at any moment, on at most 2 connections, and every request
+    waits its turn rather than fail."""
+    lock = threading.Lock()
+    at_upstream = [0, 0]  # now, most ever
+
+    def slow(seen: Seen) -> bytes:
+        with lock:
+            at_upstream[0] += 1
+            at_upstream[1] = max(at_upstream[1], at_upstream[0])
+        time.sleep(0.2)
+        with lock:
+            at_upstream[0] -= 1
+        return ok(b"%d" % seen.connection)
+
+    up = upstream(slow)
+    settings = {"upstream": {"client": client, "max_connections": 2}}
+    gw = gateway_server(flag_doc(up.url, None), settings=settings)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda i: httpx.get(f"{gw.url}/v1/sentiment/{i}", timeout=30), range(8))
+        )
+    assert [r.status_code for r in answers] == [200] * 8
+    assert len(up.seen) == 8
+    assert at_upstream[1] <= 2, at_upstream
+    assert len({s.connection for s in up.seen}) <= 2, up.seen
 
 
 def test_request_writes_wait_for_the_end_of_the_loops_turn_and_skip_closed_connections() -> None:

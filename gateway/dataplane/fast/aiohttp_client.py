@@ -5,8 +5,9 @@ model servers): aiohttp's connection pool, protocol and C response parser, drive
 This module reaches into aiohttp's internals (`ClientRequest`, `ResponseHandler`, `Connection`,
 the protocol's parser and read timeout), so it is loaded only through the seam
 (gateway/dataplane/upstream/choice.py), only on the aiohttp releases it was tested with; the
-stock client on `ClientSession` (gateway/dataplane/upstream/aiohttp_client.py) takes its place
-elsewhere. It keeps the same promises as that client (DESIGN 10; the same errors, no invented
+httptools client (gateway/dataplane/upstream/httptools_client.py, public APIs only) takes its
+place elsewhere. It keeps the same promises as the stock client on `ClientSession`
+(gateway/dataplane/upstream/aiohttp_client.py; DESIGN 10: the same errors, no invented
 headers, bodies undecoded, one retry of an idempotent request on a pooled connection the
 upstream closed), and skips what a proxy does not use.
 
@@ -56,13 +57,12 @@ from gateway.dataplane.upstream.aiohttp_client import (
     translate,
 )
 from gateway.dataplane.upstream.base import Body, Origin
-from gateway.errors import UnsendableRequest, UpstreamBadResponse, UpstreamError
+from gateway.dataplane.upstream.wire import TurnWrites, request_head
+from gateway.errors import UpstreamBadResponse, UpstreamError
 
 # Methods that may be sent again when a pooled connection turns out to be closed: RFC 9110
 # 9.2.2, as aiohttp's ClientSession does.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# aiohttp sends `Content-Length: 0` for a bodiless request of any other method; so do we.
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # What the direct way meets besides ClientSession's errors: the parser's own, which
 # ClientSession would have wrapped in a ClientResponseError.
 _FAILURES = (*FAILURES, HttpProcessingError)
@@ -340,7 +340,9 @@ class DirectAiohttpClient:
         route = self._routes.get(origin)
         if route is None:
             route = self._routes[origin] = _Route(origin)
-        head = _request_head(method, route, target, headers, body)
+        head = request_head(
+            method, route.host, route.path_prefix, target, headers, len(body) if body else 0
+        )
         message = head + body if body else head
         retry = method in _IDEMPOTENT
         while True:
@@ -404,52 +406,6 @@ class DirectAiohttpClient:
         self._head_deadlines.close()
         self._body_deadlines.close()
         await self._stock.aclose()  # and the connector its session owns
-
-
-class TurnWrites:
-    """Request writes held until the end of the event loop's turn, then sent one after
-    another; a connection closed meanwhile gets nothing (its exchange fails as on any closed
-    connection)."""
-
-    __slots__ = ("_pending", "_scheduled")
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[asyncio.Transport, bytes]] = []
-        self._scheduled = False
-
-    @property
-    def scheduled(self) -> bool:
-        """Whether a flush waits for the end of this turn."""
-        return self._scheduled
-
-    def add(self, transport: asyncio.Transport, data: bytes) -> None:
-        self._pending.append((transport, data))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        pending, self._pending = self._pending, []
-        for transport, data in pending:
-            if not transport.is_closing():
-                transport.write(data)
-
-
-def _request_head(
-    method: str, route: _Route, target: str, headers: list[tuple[str, str]], body: bytes | None
-) -> bytes:
-    fields = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    # The names and values come from a request httptools parsed, or from the gateway itself;
-    # a line break in one would split the head, so it is refused rather than trusted.
-    if fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
-        raise UnsendableRequest("a forwarded header contains a line break")
-    if body:
-        length = f"Content-Length: {len(body)}\r\n"
-    else:
-        length = "" if method in _NO_BODY_METHODS else "Content-Length: 0\r\n"
-    start = f"{method} {route.path_prefix}{target} HTTP/1.1\r\nHost: {route.host}\r\n"
-    return f"{start}{fields}{length}\r\n".encode("latin-1")
 
 
 def _head_timed_out(protocol: ResponseHandler, _: None) -> None:

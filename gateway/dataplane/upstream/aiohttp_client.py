@@ -1,8 +1,7 @@
 """The stock aiohttp upstream client: aiohttp's public `ClientSession` API and nothing else.
 
-It runs when `upstream.client: aiohttp` is chosen, and in place of the direct client
-(`aiohttp-direct`) when that one cannot be loaded (`upstream/choice.py`). The direct client
-also sends its streamed request bodies through it. It keeps the promises every upstream
+It runs when `upstream.client: aiohttp` is chosen. The direct client (`aiohttp-direct`) also
+sends its streamed request bodies through it. It keeps the promises every upstream
 client keeps (DESIGN 10):
 
 - aiohttp's exceptions become `UpstreamConnectError`, `UpstreamTimeout` or

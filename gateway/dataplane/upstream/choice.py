@@ -4,11 +4,13 @@
 upstream module that reaches into aiohttp's internals (gateway/dataplane/fast/
 aiohttp_client.py). It is imported here, lazily, and only when it is chosen and the installed
 aiohttp is a release it was tested with (`TESTED_AIOHTTP`, the bounds pyproject.toml sets).
-Otherwise, or if its import fails, the stock client on aiohttp's public `ClientSession`
-(`upstream/aiohttp_client.py`) runs in its place: one warning is logged, and the choice says
-so (`ClientChoice.impl`, exported as `gateway_fast_path{part="client",impl=...}`).
+Otherwise, or if its import fails, the httptools client (`upstream/httptools_client.py`),
+which uses only asyncio's and httptools' public APIs, runs in its place: one warning is
+logged, and the choice says so (`ClientChoice.impl`, exported as
+`gateway_fast_path{part="client",impl=...}`).
 
-`aiohttp` and `httpx` are stock clients; they are never replaced.
+`httptools`, `aiohttp` (aiohttp's `ClientSession`) and `httpx` use public APIs only; they are
+never replaced.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Protocol
 
 from gateway.dataplane.upstream.aiohttp_client import AiohttpClient
 from gateway.dataplane.upstream.base import UpstreamClient
+from gateway.dataplane.upstream.httptools_client import HttptoolsClient
 from gateway.dataplane.upstream.httpx_client import HttpxClient
 from gateway.settings import ClientKind
 
@@ -64,6 +67,8 @@ def choose_client(
         return ClientChoice("httpx", functools.partial(HttpxClient, http2=False))
     if kind == "aiohttp":
         return ClientChoice("aiohttp", AiohttpClient)
+    if kind == "httptools":
+        return ClientChoice("httptools", HttptoolsClient)
     found = aiohttp_version if aiohttp_version is not None else _installed("aiohttp")
     if not within(found, *TESTED_AIOHTTP):
         low, high = (".".join(map(str, bound)) for bound in TESTED_AIOHTTP)
@@ -87,10 +92,10 @@ def within(release: str, low: tuple[int, int], high: tuple[int, int]) -> bool:
 
 def _stock(reason: str) -> ClientChoice:
     log.warning(
-        "upstream.client: aiohttp-direct is not used (%s); the stock aiohttp client runs instead",
+        "upstream.client: aiohttp-direct is not used (%s); the httptools client runs instead",
         reason,
     )
-    return ClientChoice("aiohttp", AiohttpClient)
+    return ClientChoice("httptools", HttptoolsClient)
 
 
 def _import_direct() -> ClientFactory:
