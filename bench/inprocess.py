@@ -29,7 +29,8 @@ from processes import Fleet, free_port
 from rows import UPSTREAMS, Spot, bench_flag
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-KINDS = ("bare", "gateway", "gateway-all")
+KINDS = ("bare", "gateway", "gateway-all", "gateway-aiohttp", "gateway-all-aiohttp")
+# A `-aiohttp` kind runs the stock `ClientSession` client (`upstream.client: aiohttp`).
 SETTLE_S = 6.0  # the gateway imports scipy in a thread after start-up when it has shadows
 
 
@@ -95,8 +96,11 @@ async def measure(kind: str, upstreams: dict[str, str], workdir: Path, args: Any
 
         spot = Spot(0, upstreams["stable"], workdir, upstreams["canary"], upstreams["shadow"])
         flags = workdir / f"{kind}.json"
-        flags.write_text(json.dumps({"flags": [bench_flag(spot, features=kind != "gateway")]}))
+        features = kind.startswith("gateway-all")
+        flags.write_text(json.dumps({"flags": [bench_flag(spot, features=features)]}))
         overrides = {"store.flags_file": str(flags), "listen.host": "127.0.0.1"}
+        if kind.endswith("-aiohttp"):
+            overrides["upstream.client"] = "aiohttp"
         gateway = create_app(load_settings(None, env={}, overrides=overrides))
         await gateway.start()
         await asyncio.sleep(SETTLE_S)

@@ -1,4 +1,5 @@
-"""Instructions per request of the gateway-all row, for revisions side by side (callgrind).
+"""Instructions per request of a row (gateway-all unless `--rows`), for revisions side by side
+(callgrind).
 
 Time on this shared virtual machine moves by up to 2x from one minute to the next; the number
 of instructions a request executes does not. This serves the gateway-all row of each revision
@@ -11,6 +12,9 @@ count as request work.
 
     .venv/bin/python bench/instructions.py HEAD~1 .          # `.` is the working tree
     .venv/bin/python bench/instructions.py . --shadow-sample 1  # every request mirrored
+    .venv/bin/python bench/instructions.py . --rows bare,gateway-all-stock-aiohttp
+
+A Python proxy row (`bare`) runs the same for every revision: it is not the gateway's code.
 
 Counts only compare like with like: a request measured alone (one connection) runs a turn of
 the event loop of its own, and under load several share one.
@@ -38,7 +42,7 @@ from processes import Fleet, StartError, free_port, wait_settled
 from rows import GATEWAY, PYTHON, ROWS, USERS, Launcher, Row, Spot, gateway_serve
 from run import choose_upstream, start_upstreams
 
-ROW = next(row for row in ROWS if row.name == "gateway-all")
+BY_NAME = {row.name: row for row in ROWS}
 VALGRIND = shutil.which("valgrind")
 
 
@@ -61,6 +65,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests counted per revision")
     parser.add_argument("--warmup", type=int, default=300, help="requests before counting starts")
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument(
+        "--rows", default="gateway-all", help="comma-separated rows: gateway rows or `bare`"
+    )
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle counted")
     parser.add_argument(
         "--keep", type=Path, default=None, help="keep the callgrind dumps here (callgrind_annotate)"
@@ -69,6 +76,10 @@ def main(argv: list[str]) -> int:
         "--shadow-sample", type=float, default=None, help="the shadow's sample (0.1 in the row)"
     )
     args = parser.parse_args(argv)
+    rows = [BY_NAME.get(name) for name in args.rows.split(",")]
+    if any(row is None or row.launch is None or row.redis for row in rows):
+        print(f"--rows: one of {args.rows} is not a row served without Redis", file=sys.stderr)
+        return 2
     if VALGRIND is None or shutil.which("callgrind_control") is None:
         print("valgrind not found: apt-get install valgrind", file=sys.stderr)
         return 1
@@ -78,21 +89,22 @@ def main(argv: list[str]) -> int:
     counts = []
     with workspace("gateway-instructions-") as (tmp, fleet, stack):
         try:
-            upstreams = start_upstreams(upstream, fleet, [ROW])
+            upstreams = start_upstreams(upstream, fleet, rows)  # type: ignore[arg-type]
             urls = {role: f"http://127.0.0.1:{port}" for role, port in upstreams.items()}
-            row = ROW
             if args.shadow_sample is not None:
                 sampled = gateway_serve(features=True, shadow_sample=args.shadow_sample)
-                row = dataclasses.replace(ROW, launch=sampled)
+                rows = [dataclasses.replace(BY_NAME["gateway-all"], launch=sampled)]
             for i, revision in enumerate(args.revisions):
                 tree = worktree(revision, tmp / f"tree-{i}", stack)
-                out = (args.keep or tmp) / f"callgrind-{i}"
-                launch = _under_callgrind(row, tree, out)
-                count = Count(f"{i}: {revision}")
-                with _served(fleet, launch, urls) as (port, pid):
-                    _measure(count, port, pid, out, args)
-                counts.append(count)
-                print(f"# {count.label}: {count.per_request:,.0f} per request", file=sys.stderr)
+                for row in rows:
+                    assert row is not None
+                    out = (args.keep or tmp) / f"callgrind-{i}-{row.name}"
+                    launch = _under_callgrind(row, tree, out)
+                    count = Count(f"{i}: {revision}, {row.name}")
+                    with _served(fleet, launch, urls, row.name) as (port, pid):
+                        _measure(count, port, pid, out, args)
+                    counts.append(count)
+                    print(f"# {count.label}: {count.per_request:,.0f} per request", file=sys.stderr)
         except (StartError, CountError, OSError) as exc:
             print(f"failed: {exc}", file=sys.stderr)
             return 1
@@ -112,7 +124,11 @@ def _under_callgrind(row: Row, tree: Path | None, out: Path) -> Launcher:
     def command(spot: Spot) -> list[str]:
         argv = launch(spot)
         # `gateway` is a script: valgrind runs its interpreter, with the script as argument.
-        assert argv[0] == str(GATEWAY)
+        if argv[0] == str(GATEWAY):
+            argv = [str(GATEWAY), *argv[1:]]
+        else:
+            assert argv[0] == str(PYTHON), argv  # a Python proxy row
+            argv = argv[1:]
         valgrind = [
             str(VALGRIND),
             "--tool=callgrind",
@@ -120,16 +136,18 @@ def _under_callgrind(row: Row, tree: Path | None, out: Path) -> Launcher:
             f"--callgrind-out-file={out}.%p",
         ]
         env = ["env", f"PYTHONPATH={tree}"] if tree is not None else []
-        return [*env, *valgrind, str(PYTHON), str(GATEWAY), *argv[1:]]
+        return [*env, *valgrind, str(PYTHON), *argv]
 
     return command
 
 
 @contextlib.contextmanager
-def _served(fleet: Fleet, launch: Launcher, urls: dict[str, str]) -> Iterator[tuple[int, int]]:
+def _served(
+    fleet: Fleet, launch: Launcher, urls: dict[str, str], name: str
+) -> Iterator[tuple[int, int]]:
     port = free_port()
-    spot = Spot(port, urls["stable"], fleet.workdir, canary=urls["canary"], shadow=urls["shadow"])
-    child = fleet.start(ROW.name, launch(spot), port=port, timeout_s=300.0)
+    spot = Spot(port, urls["stable"], fleet.workdir, urls.get("canary", ""), urls.get("shadow", ""))
+    child = fleet.start(name, launch(spot), port=port, timeout_s=300.0)
     try:
         # Under valgrind the idle timers take more of a core than natively.
         wait_settled(child, below=0.3, timeout_s=300.0)
@@ -206,12 +224,12 @@ def _control(option: str, pid: int) -> None:
 def _report(counts: list[Count], args: argparse.Namespace) -> None:
     sample = "0.1" if args.shadow_sample is None else f"{args.shadow_sample:g}"
     print(
-        f"gateway-all (shadow sample {sample}) under callgrind: {args.requests:,} requests "
+        f"{args.rows} (gateway shadow sample {sample}) under callgrind: {args.requests:,} requests "
         f"on {args.connections} connection(s) after {args.warmup:,}, "
         f"idle rate over {args.idle:g} s taken off"
     )
     print()
-    print("| revision | requests | instructions per request | idle instructions per s |")
+    print("| revision, row | requests | instructions per request | idle instructions per s |")
     print("|---|---:|---:|---:|")
     for c in counts:
         print(f"| {c.label} | {c.requests:,} | {c.per_request:,.0f} | {c.idle_per_s:,.0f} |")
