@@ -1,7 +1,7 @@
 """The upstream interface: what the request path needs from an HTTP client, and no more.
 
-Every implementation (the direct aiohttp client, httptools, the stock aiohttp client, httpx) promises the
-same (DESIGN 10), and the data-plane suites check each of them against it:
+Every implementation (the direct aiohttp client, httptools, the stock aiohttp client, httpx)
+promises the same (DESIGN 10), and the data-plane suites check each of them against it:
 - errors are the gateway's own (`gateway.errors`): `UpstreamConnectError`, `UpstreamTimeout`,
   `UpstreamBadResponse` or `UnsendableRequest` from `send()`; the first three from `chunks()`
   too, once the head is in (the request path counts those as `mid_body`);
