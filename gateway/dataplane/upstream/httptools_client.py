@@ -167,6 +167,9 @@ class _Connection(asyncio.Protocol):
             # A protocol switch (101): the answer is its head; the connection is not HTTP now.
             if self.head_done:
                 self._finish(keep_alive=False)
+            else:
+                self._fail(UpstreamBadResponse("upstream switched protocols before an answer"))
+            self._close()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBadResponse(f"upstream answer unreadable: {exc}"))
             self._close()
@@ -216,9 +219,11 @@ class _Connection(asyncio.Protocol):
             return
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > BUFFER_LIMIT and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
+        if self.buffered > BUFFER_LIMIT and not self._paused:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                self._paused = True
+                transport.pause_reading()
         self._wake_reader()
 
     def on_message_complete(self) -> None:
@@ -301,9 +306,11 @@ class _Connection(asyncio.Protocol):
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
-        if self._paused and self.transport is not None and not self.closed:
+        if self._paused:
             self._paused = False
-            self.transport.resume_reading()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
         return data
 
     async def write_body(self, body: AsyncIterable[bytes]) -> None:
