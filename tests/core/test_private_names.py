@@ -1,8 +1,8 @@
 """No module outside the seam reaches into a library's internals.
 
 gateway/dataplane/fast/ is the seam: the only package allowed to use what uvicorn, aiohttp,
-httpx, redis and starlette keep to themselves. Everywhere else, every module under gateway/ is
-read with `ast` and must not:
+httptools, httpx, redis and starlette keep to themselves. Everywhere else, every module under
+gateway/ is read with `ast` and must not:
 - import a private module or name of those libraries: a path component or a name that starts
   with `_`, or a module they do not offer as API (`INTERNAL_MODULES`);
 - read or write a private attribute (`_name`, not `__dunder__`) of an object that statically
@@ -27,7 +27,7 @@ from pathlib import Path
 
 GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 SEAM = GATEWAY / "dataplane" / "fast"
-LIBRARIES = frozenset({"uvicorn", "aiohttp", "httpx", "redis", "starlette"})
+LIBRARIES = frozenset({"uvicorn", "aiohttp", "httpx", "httptools", "redis", "starlette"})
 # Modules with no underscore that are still not API: the parts a library builds its public
 # objects from. A module under one of these is internal too.
 INTERNAL_MODULES = (
