@@ -6,22 +6,26 @@ connection's close, none for HEAD and 204), interim answers first, `Connection: 
 answers cut short and answers that are not HTTP. Sent one after another through one
 `HttptoolsClient`, each request must get its own answer's body (or the error its answer
 earns), and the client must keep a connection exactly when the answer allows it: the
-upstream counts the connections it accepted.
+upstream counts the connections it accepted. The same upstream behind TLS checks that the
+client verifies an https upstream's certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.dataplane.upstream.base import Origin
 from gateway.dataplane.upstream.httptools_client import HttptoolsClient
-from gateway.errors import UpstreamBadResponse, UpstreamError
+from gateway.errors import UpstreamBadResponse, UpstreamConnectError, UpstreamError
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,51 @@ def test_an_error_answer_is_an_upstream_error_not_a_library_one() -> None:
     """A garbled answer is `UpstreamBadResponse`, a subclass of the gateway's own error."""
     assert issubclass(UpstreamBadResponse, UpstreamError)
     asyncio.run(_run([Answer("garbage"), Answer("length", b"after")]))
+
+
+async def _https_exchange(server_context: ssl.SSLContext, requests: int) -> tuple[list[bytes], int]:
+    upstream = ScriptedUpstream()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    origin = Origin.parse(f"https://127.0.0.1:{port}")
+    client = HttptoolsClient(connect_timeout_s=5.0, read_timeout_s=10.0, max_connections=4)
+    bodies = []
+    try:
+        for n in range(requests):
+            answer = Answer("length", b"tls %d" % n)
+            upstream.plan.append(answer)
+            bodies.append(await _read(client, origin, answer))
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    return bodies, upstream.accepted
+
+
+def _server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+def test_an_https_upstream_is_verified_against_the_trusted_cas_and_kept_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client verifies an https upstream's certificate and host against the system's
+    trusted CAs (here `SSL_CERT_FILE`, which OpenSSL reads), and keeps the connection."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    bodies, accepted = asyncio.run(_https_exchange(_server_context(ca), 3))
+    assert bodies == [b"tls 0", b"tls 1", b"tls 2"]
+    assert accepted == 1
+
+
+def test_an_https_upstream_with_an_untrusted_certificate_is_a_connect_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trusted, other = trustme.CA(), trustme.CA()
+    trusted.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(_https_exchange(_server_context(other), 1))
