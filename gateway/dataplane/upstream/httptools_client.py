@@ -498,9 +498,12 @@ class HttptoolsClient:
                 self._waiting.append(waiter)
                 try:
                     await waiter
-                finally:
+                except BaseException:
                     if waiter in self._waiting:
                         self._waiting.remove(waiter)
+                    elif waiter.done() and not waiter.cancelled():
+                        self._wake_one()  # the room it was woken for goes to the next
+                    raise
 
     async def _open_connection(self, origin: Origin) -> _Connection:
         self._open += 1
