@@ -72,7 +72,6 @@ class _Connection(asyncio.Protocol):
         "_client",
         "_drained",
         "_paused",
-        "_timers",
         "_write_paused",
         "body_sent",
         "buffered",
@@ -107,7 +106,6 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self._timers: dict[_Connection, None] | None = None
         self._paused = False
         self.parser: httptools.HttpResponseParser | None = None
         self.writer: asyncio.Task[None] | None = None
@@ -269,7 +267,6 @@ class _Connection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         """No head, or no more of the body, within the read timeout."""
-        self._timers = None
         if self.complete or self.failure is not None:
             return
         when = "more of the body" if self.head_done else "an answer"
@@ -282,22 +279,20 @@ class _Connection(asyncio.Protocol):
         if head.done():
             head.result()
             return
-        timers = self._timers = deadlines.start(self, None)
+        timers = deadlines.start(self, None)
         try:
             await head
         finally:
             deadlines.stop(self, timers)
-            self._timers = None
 
     async def wait_body(self, deadlines: Deadlines[_Connection, None]) -> None:
         """Wait for more of the body, its end or its failure, for up to the read timeout."""
         self.reader = reader = asyncio.get_running_loop().create_future()
-        timers = self._timers = deadlines.start(self, None)
+        timers = deadlines.start(self, None)
         try:
             await reader
         finally:
             deadlines.stop(self, timers)
-            self._timers = None
             self.reader = None
 
     def take(self) -> bytes:
