@@ -57,12 +57,9 @@ from gateway.dataplane.upstream.aiohttp_client import (
     translate,
 )
 from gateway.dataplane.upstream.base import Body, Origin
-from gateway.dataplane.upstream.wire import TurnWrites, request_head
+from gateway.dataplane.upstream.wire import IDEMPOTENT, TurnWrites, request_head
 from gateway.errors import UpstreamBadResponse, UpstreamError
 
-# Methods that may be sent again when a pooled connection turns out to be closed: RFC 9110
-# 9.2.2, as aiohttp's ClientSession does.
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # What the direct way meets besides ClientSession's errors: the parser's own, which
 # ClientSession would have wrapped in a ClientResponseError.
 _FAILURES = (*FAILURES, HttpProcessingError)
@@ -344,7 +341,7 @@ class DirectAiohttpClient:
             method, route.host, route.path_prefix, target, headers, len(body) if body else 0
         )
         message = head + body if body else head
-        retry = method in _IDEMPOTENT
+        retry = method in IDEMPOTENT
         while True:
             try:
                 connection = await self._connector.connect(route.key_request, [], self._timeout)

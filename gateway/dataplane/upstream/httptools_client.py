@@ -39,7 +39,7 @@ import httptools
 
 from gateway.dataplane.deadlines import Deadlines
 from gateway.dataplane.upstream.base import Body, Origin
-from gateway.dataplane.upstream.wire import CHUNKED, TurnWrites, request_head
+from gateway.dataplane.upstream.wire import CHUNKED, IDEMPOTENT, TurnWrites, request_head
 from gateway.errors import (
     UpstreamBadResponse,
     UpstreamConnectError,
@@ -47,9 +47,6 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 
-# Methods that may be sent again when a pooled connection turns out to be closed (RFC 9110
-# 9.2.2), as aiohttp's ClientSession does.
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Bytes of an answer's body held unread before the connection stops being read.
 BUFFER_LIMIT = 2**16
 # A pooled connection idle longer than this is closed rather than used: upstreams close idle

@@ -11,6 +11,9 @@ import asyncio
 
 from gateway.errors import UnsendableRequest
 
+# Methods that may be sent again when a pooled connection turns out to be closed before any
+# answer (RFC 9110 9.2.2), as aiohttp's ClientSession does.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # aiohttp sends `Content-Length: 0` for a bodiless request of any other method; so do we.
 NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # `body_length` for a body sent in chunks as it arrives.
