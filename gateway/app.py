@@ -58,6 +58,7 @@ class Gateway:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.clock = clock  # rollout time: schedules, holds and audit stamps read it
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         server = server_choice(settings)
@@ -172,11 +173,11 @@ class Gateway:
         log.warning("%s; serving %s (%d flag(s)) until it answers", exc, source, len(stored))
         self.install(stored)
         self.last_sync = snapshot.synced_at if snapshot is not None else 0.0
-        now = time.time()
+        now = self.clock()
         rollouts = store.imaged_rollouts() if snapshot is not None else {}
         for flag in self.router:
             if flag.key in rollouts:
-                self.controller.apply(flag, rollouts[flag.key], now)
+                self.controller.adopt(flag, rollouts[flag.key], now)
             if self.controller.rollback_pending(flag.key):
                 flag.canary_open, flag.weight = False, 0.0
         self._seed_pending = True

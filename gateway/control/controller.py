@@ -134,6 +134,8 @@ class Controller:
         await self._follow_rollout(flag, rollout)
         if rollout.phase is Phase.PROMOTED:
             await self._promote_document(flag, rollout)
+            # A refused promotion read the rollout again, maybe moved on by another replica.
+            rollout = self._rollouts.get(flag.key) or rollout
         self.apply(flag, rollout, now)
 
     def apply(self, flag: FlagRuntime, rollout: Rollout, now: float) -> None:
@@ -147,6 +149,16 @@ class Controller:
         flag.canary_open = not closed
         flag.weight = 0.0 if closed else sched.weight(flag.flag.schedule, rollout, now)
         self._show(flag, "rolled_back" if closed else rollout.phase.value)
+
+    def adopt(self, flag: FlagRuntime, rollout: Rollout, now: float) -> None:
+        """Take `rollout` as this replica's knowledge of `flag` (read from the snapshot file, the
+        store away): served if it is the rollout of the flag's canary and schedule, only
+        recorded if the document has replaced them since (no traffic by weight until the store
+        answers and the new rollout starts)."""
+        if _rolls_out(rollout, flag):
+            self.apply(flag, rollout, now)
+        else:
+            self._rollouts[flag.key] = rollout
 
     def _show(self, flag: FlagRuntime, state: str) -> None:
         self._metrics.canary_weight.labels(flag.key).set(flag.weight)
@@ -163,8 +175,9 @@ class Controller:
         if previous is not None and rollout.started_at != previous.started_at:
             # A new rollout (restart, new canary): the old test and its verdict are void.
             self._pending_rollbacks.pop(key, None)
-        await self._follow_rollout(flag, rollout)
-        self.apply(flag, rollout, self._clock())
+        if _rolls_out(rollout, flag):  # else the document is newer: the next tick starts it
+            await self._follow_rollout(flag, rollout)
+            self.apply(flag, rollout, self._clock())
 
     async def _forget_plan(self, key: str) -> Rollout | None:
         """The canary is gone (promoted or removed): a canary added later is a new rollout,
@@ -193,11 +206,19 @@ class Controller:
         return await self._reload(flag.key) or fresh
 
     async def _reload(self, key: str) -> Rollout | None:
+        """Read `key`'s rollout from the store, and serve it at once: what this replica knows of
+        a rollout is what its request path does, whichever task read it (a tick, an operator's
+        action that is then refused, a guard's write). A rollback read here closes the canary
+        now, not when the change message or the next tick comes. A rollout of a canary or
+        schedule the document has since replaced is only recorded: the next step starts anew."""
         rollout = await self._store.rollout(key)
-        if rollout is not None:
-            self._rollouts[key] = rollout
-        else:  # deleted with its flag: a flag created again under the key starts afresh
+        if rollout is None:  # deleted with its flag: one created again under the key starts anew
             self._rollouts.pop(key, None)
+            return None
+        self._rollouts[key] = rollout
+        flag = self._router().by_key.get(key)
+        if flag is not None and _rolls_out(rollout, flag):
+            self.apply(flag, rollout, self._clock())
         return rollout
 
     def forget(self, key: str) -> None:
@@ -330,7 +351,7 @@ class Controller:
                     break
             self._pending_rollbacks.pop(flag.key, None)
             rollout = self._rollouts.get(flag.key)
-            if rollout is not None:
+            if rollout is not None and _rolls_out(rollout, flag):
                 self.apply(flag, rollout, self._clock())
         except (StoreUnavailable, OSError):
             pass  # kept in pending_rollbacks: the next tick after the store returns writes it
@@ -418,6 +439,13 @@ def _transition(action: str, current: Rollout, now: float, *, plan: str, reason:
         started = max(now, math.nextafter(current.started_at, math.inf))
         return sched.start(started, plan=plan, reason=why)
     raise ValueError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+
+
+def _rolls_out(rollout: Rollout, flag: FlagRuntime) -> bool:
+    """`rollout` is the one of `flag`'s canary and schedule (not of a canary or schedule the
+    document has replaced, whose new rollout the controller has yet to start)."""
+    plan = plan_of(flag.flag)
+    return plan != "" and not needs_new_rollout(rollout.plan, plan, rollout.phase)
 
 
 def _bounds(guard: CanaryGuard) -> dict[str, object]:
