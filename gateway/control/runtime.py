@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from gateway.control.guard import CanaryGuard, ErrorPolicy
 from gateway.core.assignment import Assigner
 from gateway.core.flags import Flag, Shadow, Variant
+from gateway.core.lifecycle import plan_of
 from gateway.dataplane.upstream import Origin, UpstreamClient, UpstreamPool
 from gateway.metrics import Metrics, VariantMeters
 
@@ -137,7 +138,10 @@ def carry_over(old: FlagRuntime, new: FlagRuntime) -> None:
     A new canary upstream or schedule starts a new rollout; the controller resets the guard
     then. Any other edit keeps the running test, judged from now on by the new guard config.
     """
-    new.weight, new.canary_open = old.weight, old.canary_open
+    new.canary_open = old.canary_open
+    # A new canary or schedule is a new rollout, which starts at its first step when the
+    # controller next steps it: until then it gets no traffic by weight, not the old one's.
+    new.weight = old.weight if plan_of(new.flag) == plan_of(old.flag) else 0.0
     for name, arm in new.arms.items():
         if name in old.arms:
             arm.served = old.arms[name].served

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -201,3 +202,81 @@ async def test_a_restart_at_the_same_clock_reading_is_a_new_rollout_with_a_fresh
         assert rollout.started_at > started
         assert not flag.guard.tripped and flag.guard.n == 0
         assert flag.canary_open and flag.weight > 0
+
+
+async def _noop(kind: Any, key: str) -> None:
+    return None
+
+
+@pytest.mark.parametrize("action", ["pause", "resume", "promote", "rollback"])
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_rollback_a_refused_action_read_closes_the_canary_at_once(
+    kind: str, action: str, redis_url: str, scratch_redis_prefix: str, tmp_path: Any
+) -> None:
+    """Another replica rolls the canary back; before this replica's change message arrives, an
+    operator's action on it reads the store and is refused (409, the rollout is rolled back).
+    What that read showed is served at once: the canary is closed when the 409 answers, so the
+    replica's status and its request path never disagree."""
+    gateway = replica(kind, redis_url, scratch_redis_prefix, tmp_path, "a")
+    doc = flag_doc("http://127.0.0.1:9", "http://127.0.0.1:10")["flags"][0]
+    key = doc["key"]
+    async with admin_of(gateway) as admin:
+        assert (await admin.put(f"/admin/flags/{key}", json=doc)).status_code == 201
+        await gateway.controller.tick()
+        flag = gateway.flag(key)
+        assert flag is not None and flag.canary_open and flag.weight > 0
+        other = gateway.store
+        if kind == "redis":  # another replica's own connection to the same store
+            other = RedisStore(redis_url, prefix=scratch_redis_prefix, resync_interval_s=3600)
+            await other.open(_noop)
+        try:
+            running = await other.rollout(key)
+            assert running is not None and running.phase is Phase.RUNNING
+            rolled_back = replace(running, phase=Phase.ROLLED_BACK, reason="other replica")
+            assert await other.save_rollout(key, rolled_back, expected=running)
+            refused = await admin.post(f"/admin/flags/{key}/{action}", json={"reason": "late"})
+            assert refused.status_code == 409, refused.text
+            flag = gateway.flag(key)
+            assert flag is not None
+            assert _rolled_back(gateway, key), gateway.controller.rollout(key)
+            assert not flag.canary_open and flag.weight == 0.0
+        finally:
+            if other is not gateway.store:
+                await other.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_new_canary_starts_at_its_first_step_not_at_the_old_ones_weight(
+    kind: str, redis_url: str, scratch_redis_prefix: str, tmp_path: Any
+) -> None:
+    """The canary at 50 % is replaced by a new one: from the PUT's answer on, the new canary
+    gets no traffic by weight until the controller starts its rollout, then its first step's
+    1 %; never the 50 % its predecessor had reached."""
+    now = [1_800_000_000.0]
+    gateway = replica(kind, redis_url, scratch_redis_prefix, tmp_path, "a", clock=lambda: now[0])
+    doc = flag_doc("http://127.0.0.1:9", "http://127.0.0.1:10")["flags"][0]
+    doc["schedule"] = {
+        "kind": "step",
+        "steps": [{"weight": 0.01, "hold": "1m"}, {"weight": 0.5, "hold": "1h"}],
+    }
+    doc["advance_requires_evidence"] = False  # the hold alone moves it on
+    key = doc["key"]
+    async with admin_of(gateway) as admin:
+        created = await admin.put(f"/admin/flags/{key}", json=doc)
+        assert created.status_code == 201, created.text
+        await gateway.controller.tick()
+        now[0] += 61
+        await gateway.controller.tick()
+        flag = gateway.flag(key)
+        assert flag is not None and flag.weight == 0.5
+        doc["canary"] = {"name": "v3", "upstream": "http://127.0.0.1:11"}
+        replaced = await admin.put(
+            f"/admin/flags/{key}", json=doc, headers={"If-Match": str(created.json()["version"])}
+        )
+        assert replaced.status_code == 200, replaced.text
+        flag = gateway.flag(key)
+        assert flag is not None and flag.canary is not None and flag.canary.name == "v3"
+        assert flag.weight == 0.0
+        await gateway.controller.tick()
+        flag = gateway.flag(key)
+        assert flag is not None and flag.weight == 0.01 and flag.canary_open
