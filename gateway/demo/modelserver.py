@@ -243,7 +243,12 @@ class ModelServer:
         if self.config.jitter_ms:
             delay_ms += self._jitter.uniform(-self.config.jitter_ms, self.config.jitter_ms)
         if delay_ms > 0:
+            # At least the delay, as a clock outside the loop measures it: the loop's timers
+            # may fire up to a millisecond early (uvloop keeps whole milliseconds).
+            end = time.perf_counter() + delay_ms / 1000.0
             await asyncio.sleep(delay_ms / 1000.0)
+            if (left := end - time.perf_counter()) > 0:
+                await asyncio.sleep(left + 0.001)
 
     async def _respond(self, scope: Scope, send: Send, status: int, body: bytes) -> None:
         await self._start(scope, send, status, len(body), _JSON)
