@@ -45,6 +45,10 @@ def model_server(
     error_event_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="--openai: streams with an SSE error event.")
     ] = 0.0,
+    error_hold_ms: Annotated[
+        float,
+        typer.Option(min=0.0, help="--openai: how long a stream stays open after its error event."),
+    ] = 0.0,
     log_tokens: Annotated[
         bool, typer.Option("--log-tokens", help="--openai: log each token before it is sent.")
     ] = False,
@@ -73,6 +77,7 @@ def model_server(
                 error_rate=error_rate,
                 abort_rate=abort_rate,
                 error_event_rate=error_event_rate,
+                error_hold_ms=error_hold_ms,
                 seed=seed,
                 access_log=access_log,
                 log_tokens=log_tokens,

@@ -15,7 +15,8 @@ Misbehaviour, drawn once per request from `random.Random(seed)` in arrival order
 request order gives a fixed pattern): with `error_rate` a 500 before any answer; with
 `abort_rate` a stream cut after half its tokens (the connection closes without the chunked
 body's end and without `[DONE]`; a whole answer gets a 500 instead); with `error_event_rate` an
-SSE error payload after half the tokens (`data: {"error": {...}}`, then `[DONE]`).
+SSE error payload after half the tokens (`data: {"error": {...}}`, then `[DONE]`, `error_hold_ms`
+later).
 
 With `access_log`, one JSON line per request when its answer starts: `{"ts", "method", "path",
 "status", "model" (the model the request named), "server" (this server's name), "stream",
@@ -61,6 +62,9 @@ class OpenAIServerConfig:
     error_rate: float = 0.0
     abort_rate: float = 0.0
     error_event_rate: float = 0.0
+    # After an error event the stream stays open this long before `[DONE]`, as a server
+    # still winding down does: a client that hangs up on the event leaves first.
+    error_hold_ms: float = 0.0
     seed: int = 0
     access_log: Path | None = None
     log_tokens: bool = False  # one access-log line per streamed token, before it is sent
@@ -73,6 +77,8 @@ class OpenAIServerConfig:
             problems.append(f"tokens_per_s: must be > 0, got {self.tokens_per_s}")
         if self.ttft_ms < 0:
             problems.append(f"ttft_ms: must be >= 0, got {self.ttft_ms}")
+        if self.error_hold_ms < 0:
+            problems.append(f"error_hold_ms: must be >= 0, got {self.error_hold_ms}")
         if self.completion_tokens < 1:
             problems.append(f"completion_tokens: must be >= 1, got {self.completion_tokens}")
         rates = (self.error_rate, self.abort_rate, self.error_event_rate)
@@ -238,6 +244,8 @@ class OpenAIServer:
     async def _misbehave(self, request: _Request, send: Send, sent: int) -> None:
         if request.fate == "error_event":
             await _event(send, _error("injected error event", "server_error", 500))
+            if self.config.error_hold_ms:
+                await asyncio.sleep(self.config.error_hold_ms / 1000.0)
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
             self._end(request, "error_event", sent)
             return
