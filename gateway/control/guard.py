@@ -81,7 +81,7 @@ class ErrorPolicy:
         if stream is not None and status < 500 and failure not in ("timeout", "connect_error"):
             if stream.error_event and self.error_event:
                 return "error_event"
-            if stream.cut or (self.stream_aborted and not stream.done):
+            if stream.cut or (self.stream_aborted and not (stream.done or stream.client_left)):
                 return "stream_aborted"
             limit = self.ttft_over_s
             ttft = stream.ttft_s

@@ -21,6 +21,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from gateway.control.guard import CanaryGuard
 from gateway.control.runtime import Arm, FlagRuntime, Router
 from gateway.control.shadow import Mirror, Outcome, Pairing
 from gateway.core.assignment import COOKIE_NAME, Assignment
@@ -350,6 +351,10 @@ class Proxy:
             response = await arm.client.send(
                 request.method, arm.origin, request.target, request.headers, body
             )
+        except asyncio.CancelledError:
+            if request.client_gone:
+                self._record_left_waiting(request, arm, started)
+            raise
         except (UpstreamError, BodyTooLarge, ClientGone) as exc:
             streamed = request.body
             if isinstance(streamed, _StreamedBody) and streamed.ended is not None:
@@ -433,6 +438,14 @@ class Proxy:
             failure = mid_body(exc)
             if stream is not None:
                 stream.cut = True
+        except asyncio.CancelledError:
+            if request.client_gone:
+                # An SDK hangs up on the error event it reads: what the answer showed by then
+                # is the variant's outcome all the same.
+                if stream is not None:
+                    stream.client_left = True
+                self._record(request, arm, status, started, None, capture, stream, left=True)
+            raise
         finally:
             await response.aclose()
         self._record(request, arm, status, started, failure, capture, stream)
@@ -476,14 +489,22 @@ class Proxy:
         failure: str | None,
         captured: list[bytes] | None = None,
         stream: StreamWatch | None = None,
+        *,
+        left: bool = False,
     ) -> None:
+        """Count an answer for its variant and show it to the guard; `left`: its client went
+        away before it ended, and only a failure it had already shown is recorded."""
         elapsed = time.perf_counter() - started
+        flag = request.flag
+        guard = flag.guard
+        if stream is not None:
+            stream.finish()
+        if left and not _decided(status, stream, guard, elapsed):
+            return
         meters = arm.meters
         meters.count(status)
         meters.duration.observe(elapsed)
-        flag = request.flag
         if stream is not None:
-            stream.finish()
             meters.stream(stream.ttft_s, stream.gaps, stream.completion_tokens)
             expect_done = flag.errors is not None and flag.errors.stream_aborted
             failure = stream.failure(expect_done=expect_done) or failure
@@ -492,17 +513,35 @@ class Proxy:
         elif status >= 500:
             meters.error("status_5xx")
         arm.served += 1
-        guard = flag.guard
-        if guard is not None:
-            if arm is flag.canary:
-                kind = guard.policy.kind_of(status, failure, elapsed, stream)
-                guard.observe(kind is not None, kind)
-            elif guard.relative and arm is flag.stable:
-                kind = guard.policy.kind_of(status, failure, elapsed, stream)
-                guard.observe_stable(kind is not None)
+        if guard is not None and (arm is flag.canary or (guard.relative and arm is flag.stable)):
+            kind = guard.policy.kind_of(status, failure, elapsed, stream)
+            # An answer its client left is evidence of a failure only (an error event the
+            # guard does not list leaves it undecided).
+            if kind is not None or not left:
+                if arm is flag.canary:
+                    guard.observe(kind is not None, kind)
+                else:
+                    guard.observe_stable(kind is not None)
         if request.pairing is not None:
             body = b"".join(captured) if captured else b""
             request.outcome = Outcome(arm.name, status, failure, elapsed * 1000.0, body, stream)
+
+    def _record_left_waiting(self, request: ProxiedRequest, arm: Arm, started: float) -> None:
+        """The client left before the upstream's answer began. A wait already longer than
+        the guard's `latency_over` is the variant's failure however the answer would have
+        ended, and the guard counts it; of a shorter wait nothing is known, and nothing is
+        recorded (no status either way, so the request counters are left alone)."""
+        flag = request.flag
+        guard = flag.guard
+        if guard is None:
+            return
+        over = guard.policy.latency_over_s
+        if over is None or time.perf_counter() - started <= over:
+            return
+        if arm is flag.canary:
+            guard.observe(True, "latency_over")
+        elif guard.relative and arm is flag.stable:
+            guard.observe_stable(True)
 
     async def _read_body(
         self, receive: Receive, *, whole: bool = False
@@ -597,6 +636,22 @@ def abort_client(send: Send, abort: AbortResponse | None) -> None:
     chunked body without its last chunk)."""
     if abort is None or not abort(send):
         raise ResponseAborted("the upstream failed after the response head was sent")
+
+
+def _decided(
+    status: int, stream: StreamWatch | None, guard: CanaryGuard | None, elapsed_s: float
+) -> bool:
+    """Whether an answer its client left had already shown a failure that no rest of it
+    could undo: an error event, or one its guard counts (an error status, a first event later
+    than `ttft_over` or none by then, a wait longer than `latency_over`). Only such an answer
+    is recorded: of any other, nothing is known of the variant's answer, as of any exchange
+    whose client left; recording it as a success or as cut would tilt the counts and the
+    guard either way."""
+    if stream is not None and stream.error_event:
+        return True
+    if guard is None:
+        return False
+    return guard.policy.kind_of(status, None, elapsed_s, stream) is not None
 
 
 def _watch_client(request: ProxiedRequest, task: asyncio.Task[Any]) -> None:

@@ -46,8 +46,8 @@ class StreamWatch:
     """One event stream's timings and facts, fed chunk by chunk (`feed`) then `finish`ed."""
 
     __slots__ = (
-        "_last_data", "_partial", "completion_tokens", "cut", "done", "error_event", "events",
-        "first_at", "gaps", "last_at", "started",
+        "_last_data", "_partial", "client_left", "completion_tokens", "cut", "done",
+        "error_event", "events", "first_at", "gaps", "last_at", "started",
     )  # fmt: skip
 
     def __init__(self, started: float) -> None:
@@ -59,6 +59,7 @@ class StreamWatch:
         self.done = False  # `data: [DONE]` arrived
         self.error_event = False
         self.cut = False  # the upstream failed mid-body
+        self.client_left = False  # the client went away before the stream ended
         self.completion_tokens: int | None = None
         self._partial = b""
         self._last_data = b""
@@ -69,8 +70,8 @@ class StreamWatch:
 
     @property
     def aborted(self) -> bool:
-        """Ended without the terminal event, or cut mid-body."""
-        return self.cut or not self.done
+        """Ended without the terminal event, or cut mid-body (not by a client that left)."""
+        return self.cut or not (self.done or self.client_left)
 
     def feed(self, chunk: bytes, now: float) -> None:
         buf = self._partial + chunk if self._partial else chunk
@@ -112,9 +113,11 @@ class StreamWatch:
     def failure(self, *, expect_done: bool) -> str | None:
         """The stream's own failure kind, if any: `error_event`, or `stream_aborted` when it was
         cut mid-body or, if `expect_done` (not every SSE server sends `[DONE]`), ended
-        without it."""
+        without it; a stream its client left is not the upstream's failure for that."""
         if self.error_event:
             return "error_event"
+        if self.client_left:
+            return None  # it ended when the client went, not when the upstream did
         return "stream_aborted" if self.cut or (expect_done and not self.done) else None
 
     def gap_quantile(self, q: float) -> float | None:

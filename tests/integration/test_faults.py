@@ -450,3 +450,80 @@ def test_storm_of_clients_leaving_before_the_upstream_answers_leaves_nothing_beh
         f"an idle {baseline}: it keeps waiting for the upstream's answer (up to "
         "read_timeout_s) instead of dropping the upstream call when its client goes away"
     )
+
+
+# --- 5. clients that give up on a slow canary -------------------------------------------------
+
+
+@pytest.mark.parametrize("client_kind", CLIENTS)
+def test_a_canary_its_clients_give_up_on_is_rolled_back_by_latency_over(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any], client_kind: str
+) -> None:
+    """Clients wait 1 s; the canary answers after 5 s. A client gone after a wait longer
+    than `latency_over` leaves the canary's failure behind, whatever the answer would have
+    been: the guard counts it, and rolls the canary back. A wait it left sooner says nothing."""
+    stable, canary = model_server("v1"), model_server("v2", latency_ms=5000)
+    guard = {"errors": ["status_5xx", "timeout", "connect_error", "latency_over:500"]}
+    doc = flag_doc(stable.url, canary.url, weight=0.5, guard=guard)
+    settings = {"upstream": {"client": client_kind, "read_timeout_s": 30.0}}
+    gw = gateway_server(doc, settings=settings, env=TOKENS)
+
+    async def give_up_after_1s(i: int) -> str:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=1.0) as client:
+            try:
+                r = await client.post(
+                    "/v1/sentiment", content=b"{}", headers={"x-user-id": f"u{i}"}
+                )
+            except httpx.TimeoutException:
+                return "gave up"
+            return r.headers.get("x-gateway-variant", "")
+
+    async def waves() -> list[str]:
+        outcomes: list[str] = []
+        for wave in range(30):
+            if status(gw)["state"] == "rolled_back":
+                break
+            outcomes += await asyncio.gather(*(give_up_after_1s(wave * 8 + i) for i in range(8)))
+        return outcomes
+
+    outcomes = asyncio.run(waves())
+    s = status(gw)
+    assert s["state"] == "rolled_back" and s["reason"] == "sprt", (s, outcomes)
+    assert set(s["guard"]["error_kinds"]) == {"latency_over"}, s["guard"]
+    assert "gave up" in outcomes and "v2" not in outcomes
+
+
+@pytest.mark.parametrize("client_kind", CLIENTS)
+def test_a_canary_whose_slow_body_its_clients_give_up_on_is_rolled_back_by_latency_over(
+    model_server: Callable[..., Any], gateway_server: Callable[..., Any], client_kind: str
+) -> None:
+    """The head comes at once, the body over 2.5 s; each client reads a piece, waits 1 s and
+    goes. By then every answer is later than `latency_over`, whatever its rest would be."""
+    stable, canary = model_server("v1"), model_server("v2")
+    guard = {"errors": ["status_5xx", "timeout", "connect_error", "latency_over:500"]}
+    doc = flag_doc(stable.url, canary.url, weight=0.5, guard=guard)
+    settings = {"upstream": {"client": client_kind}}
+    gw = gateway_server(doc, settings=settings, env=TOKENS)
+
+    async def read_a_piece_and_go(i: int) -> str:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10.0) as client:
+            path, headers = "/v1/sentiment/_slow_stream/50", {"x-user-id": f"u{i}"}
+            async with client.stream("GET", path, headers=headers) as r:
+                body = r.aiter_raw()  # held: a dropped iterator would close the response
+                await anext(body)
+                await asyncio.sleep(1.0)
+                return r.headers.get("x-gateway-variant", "")
+
+    async def waves() -> list[str]:
+        variants: list[str] = []
+        for wave in range(30):
+            if status(gw)["state"] == "rolled_back":
+                break
+            variants += await asyncio.gather(*(read_a_piece_and_go(wave * 8 + i) for i in range(8)))
+        return variants
+
+    variants = asyncio.run(waves())
+    s = status(gw)
+    assert s["state"] == "rolled_back" and s["reason"] == "sprt", (s["guard"], len(variants))
+    assert set(s["guard"]["error_kinds"]) == {"latency_over"}, s["guard"]
+    assert "v2" in variants

@@ -189,7 +189,14 @@ def test_ttft_figures_through_the_gateway_and_direct(
     assert statistics.median(g) >= 100  # the upstream's TTFT is there: first event measured
 
 
-def drive(url: str, done: Callable[[], bool], *, threads: int = 6, limit_s: float = 120) -> list:
+def drive(
+    url: str,
+    done: Callable[[], bool],
+    *,
+    threads: int = 6,
+    limit_s: float = 120,
+    timeout_s: float = 30,
+) -> list:
     """Streams from several threads until `done()`; every outcome, in completion order."""
     outcomes: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -197,7 +204,7 @@ def drive(url: str, done: Callable[[], bool], *, threads: int = 6, limit_s: floa
     counter = iter(range(10**6))
 
     def work() -> None:
-        client = sdk(url, timeout=30)
+        client = sdk(url, timeout=timeout_s)
         while not done() and time.monotonic() < deadline:
             with lock:
                 user = f"user-{next(counter)}"
@@ -282,6 +289,93 @@ def test_a_canary_that_breaks_streams_is_rolled_back_and_the_sdk_sees_the_breaks
         return counted == logged
 
     wait_until(counted_as_logged, f"gateway_upstream_errors_total{{kind={kind}}} to match the log")
+
+
+def test_error_events_count_though_the_sdk_hangs_up_on_them_before_the_stream_ends(
+    spawn: Callable[..., Any], tmp_path: Path, gateway_server: Callable[..., Any]
+) -> None:
+    """The SDK raises on an error event and closes its connection; the upstream's stream goes
+    on (here for 30 s). What the gateway relayed is the canary's failure all the same: each
+    one the SDK saw is counted, and the guard rolls the canary back."""
+    v1, _ = llm(spawn, tmp_path, "vllm-a", ttft_ms=10, tokens_per_s=400)
+    v2, _ = llm(
+        spawn, tmp_path, "vllm-b", ttft_ms=10, tokens_per_s=400, error_event_rate=1.0,
+        error_hold_ms=30_000,
+    )  # fmt: skip
+    doc = llm_flag(v1.url, v2.url, guard={"errors": ["status_5xx", "error_event"]})
+    gw = gateway_server(doc, env=TOKENS)
+    outcomes = drive(gw.url, rolled_back(gw), threads=4, limit_s=60)
+    s = status(gw)
+    assert s["state"] == "rolled_back" and s["reason"] == "sprt", s
+    assert set(s["guard"]["error_kinds"]) == {"error_event"}, s["guard"]
+    seen = [o for o in outcomes if "error" in o]
+    assert seen and all(o["error"] == "APIError" for o in seen), seen
+    assert all(o.get("finish") == "stop" for o in outcomes if "error" not in o)
+
+    def counted_as_seen() -> bool:
+        counted = metric(
+            gw, "gateway_upstream_errors_total", flag="chat", kind="error_event", variant="v2"
+        )
+        return counted == len(seen)
+
+    wait_until(counted_as_seen, f"{len(seen)} error events counted for v2")
+
+
+def test_a_canary_whose_first_token_comes_after_the_clients_gave_up_is_rolled_back(
+    spawn: Callable[..., Any], tmp_path: Path, gateway_server: Callable[..., Any]
+) -> None:
+    """Clients time out after 1 s; the canary's first token would come after 5 s. A wait
+    longer than `ttft_over` is the canary's failure however the stream would have gone on."""
+    v1, _ = llm(spawn, tmp_path, "vllm-a", ttft_ms=10, tokens_per_s=400)
+    v2, _ = llm(spawn, tmp_path, "vllm-b", ttft_ms=5000, tokens_per_s=400)
+    doc = llm_flag(v1.url, v2.url, guard={"errors": ["status_5xx", "ttft_over:500"]})
+    gw = gateway_server(doc, env=TOKENS)
+    outcomes = drive(gw.url, rolled_back(gw), limit_s=90, timeout_s=1.0)
+    s = status(gw)
+    assert s["state"] == "rolled_back" and s["reason"] == "sprt", s
+    assert set(s["guard"]["error_kinds"]) == {"ttft_over:500"}, s["guard"]
+    assert any("error" in o for o in outcomes)
+    assert all(o.get("variant") == "v1" for o in outcomes if "error" not in o)
+
+
+def test_a_client_that_leaves_a_healthy_stream_is_not_counted_for_or_against_the_canary(
+    spawn: Callable[..., Any], tmp_path: Path, gateway_server: Callable[..., Any]
+) -> None:
+    """A stream its client left before anything went wrong says nothing of the canary: it is
+    neither a cut stream (the upstream did not cut it) nor a success (it might have failed
+    later). Nothing is recorded; a stream read to its end is."""
+    v1, _ = llm(spawn, tmp_path, "vllm-a", ttft_ms=10, tokens_per_s=400)
+    v2, v2_log = llm(spawn, tmp_path, "vllm-b", ttft_ms=10, tokens_per_s=4)
+    guard = {"errors": ["status_5xx", "stream_aborted", "ttft_over:2000"]}
+    gw = gateway_server(llm_flag(v1.url, v2.url, guard=guard), env=TOKENS)
+    canary_users = [
+        u for u in (f"leaver-{i}" for i in range(200)) if expected_variant(u, 0.5) == "v2"
+    ]
+    client = sdk(gw.url, timeout=30)
+    for user in canary_users[:8]:
+        stream = client.chat.completions.create(
+            model="llama", messages=MESSAGES, stream=True, user=user
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # one token of a 4 s answer, and the client goes
+        stream.close()
+
+    def gone() -> bool:
+        return sum(1 for r in records(v2_log) if r.get("event") == "client_gone") == 8
+
+    wait_until(gone, "the canary to see 8 clients gone")
+    s = status(gw)
+    assert s["state"] != "rolled_back" and s["guard"]["n"] == 0, s
+    labels = {"flag": "chat", "variant": "v2"}
+    assert metric(gw, "gateway_requests_total", code="200", **labels) == 0
+    assert metric(gw, "gateway_upstream_errors_total", kind="stream_aborted", **labels) == 0
+    whole = stream_chat(client, canary_users[8])
+    assert whole["variant"] == "v2" and whole["finish"] == "stop", whole
+    # The gateway records the stream once its upstream body has ended, as the SDK sees it end.
+    s = wait_until(lambda: (s := status(gw))["guard"]["n"] == 1 and s, "the stream recorded")
+    assert s["guard"]["k"] == 0, s
+    assert metric(gw, "gateway_requests_total", code="200", **labels) == 1
 
 
 def test_a_shadow_compared_on_ttft_matches_scipy_on_the_pair_log(
