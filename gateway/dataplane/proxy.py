@@ -522,7 +522,7 @@ class Proxy:
                     guard.observe(kind is not None, kind)
                 else:
                     guard.observe_stable(kind is not None)
-        if request.pairing is not None:
+        if request.pairing is not None and not left:  # a cut-short answer pairs with nothing
             body = b"".join(captured) if captured else b""
             request.outcome = Outcome(arm.name, status, failure, elapsed * 1000.0, body, stream)
 
