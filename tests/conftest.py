@@ -72,11 +72,20 @@ def server_kind(request: pytest.FixtureRequest) -> Iterator[str]:
 # --- real processes on free ports ------------------------------------------------------------
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    # The kernel picks a free port; it stays free long enough for the child to bind it.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    # The kernel picks a free port; it stays free long enough for the child to bind it. Two
+    # ports chosen before either is bound (a gateway's data and admin ports) can be the same
+    # one, so a port handed out before is never handed out again.
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass(frozen=True, slots=True)
