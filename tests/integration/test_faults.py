@@ -17,7 +17,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -455,6 +455,19 @@ def test_storm_of_clients_leaving_before_the_upstream_answers_leaves_nothing_beh
 # --- 5. clients that give up on a slow canary -------------------------------------------------
 
 
+async def waves_until_rolled_back(
+    gw: Any, one: Callable[[int], Awaitable[str]], *, waves: int = 30, size: int = 8
+) -> list[str]:
+    """Waves of `size` concurrent `one(i)` calls, each for a new user, until the flag is rolled
+    back (or `waves` have gone); what each call returned."""
+    outcomes: list[str] = []
+    for wave in range(waves):
+        if status(gw)["state"] == "rolled_back":
+            break
+        outcomes += await asyncio.gather(*(one(wave * size + i) for i in range(size)))
+    return outcomes
+
+
 @pytest.mark.parametrize("client_kind", CLIENTS)
 def test_a_canary_its_clients_give_up_on_is_rolled_back_by_latency_over(
     model_server: Callable[..., Any], gateway_server: Callable[..., Any], client_kind: str
@@ -478,15 +491,7 @@ def test_a_canary_its_clients_give_up_on_is_rolled_back_by_latency_over(
                 return "gave up"
             return r.headers.get("x-gateway-variant", "")
 
-    async def waves() -> list[str]:
-        outcomes: list[str] = []
-        for wave in range(30):
-            if status(gw)["state"] == "rolled_back":
-                break
-            outcomes += await asyncio.gather(*(give_up_after_1s(wave * 8 + i) for i in range(8)))
-        return outcomes
-
-    outcomes = asyncio.run(waves())
+    outcomes = asyncio.run(waves_until_rolled_back(gw, give_up_after_1s))
     s = status(gw)
     assert s["state"] == "rolled_back" and s["reason"] == "sprt", (s, outcomes)
     assert set(s["guard"]["error_kinds"]) == {"latency_over"}, s["guard"]
@@ -514,15 +519,7 @@ def test_a_canary_whose_slow_body_its_clients_give_up_on_is_rolled_back_by_laten
                 await asyncio.sleep(1.0)
                 return r.headers.get("x-gateway-variant", "")
 
-    async def waves() -> list[str]:
-        variants: list[str] = []
-        for wave in range(30):
-            if status(gw)["state"] == "rolled_back":
-                break
-            variants += await asyncio.gather(*(read_a_piece_and_go(wave * 8 + i) for i in range(8)))
-        return variants
-
-    variants = asyncio.run(waves())
+    variants = asyncio.run(waves_until_rolled_back(gw, read_a_piece_and_go))
     s = status(gw)
     assert s["state"] == "rolled_back" and s["reason"] == "sprt", (s["guard"], len(variants))
     assert set(s["guard"]["error_kinds"]) == {"latency_over"}, s["guard"]
