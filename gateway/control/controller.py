@@ -118,6 +118,14 @@ class Controller:
             return
         if flag.key in self._pending_rollbacks:
             await self._write_rollback(flag, self._pending_rollbacks[flag.key])
+            if flag.key in self._pending_rollbacks:
+                # Not written yet (the store failed the write, or lost its state and is about
+                # to be restored). Nothing may move this rollout on meanwhile: a step or a
+                # promotion now would carry a canary this replica has rejected.
+                known = self._rollouts.get(flag.key)
+                if known is not None:
+                    self.apply(flag, known, now)
+                return
         rollout = await self._current(flag, now)
         doc = flag.flag
         moved = sched.advance(
@@ -390,6 +398,13 @@ class Controller:
             )
         if flag.canary is None and action != "restart":
             raise IllegalTransition(f"flag {key!r} has no canary to {action}")
+        if key in self._pending_rollbacks and action != "restart":
+            # The guard decided first: its rollback is written before the action applies, so
+            # an operator's promote or resume meets the rolled-back state it would have met had
+            # the store answered at once. (A restart voids the test and its verdict.)
+            await self._write_rollback(flag, self._pending_rollbacks[key])
+            if key in self._pending_rollbacks:
+                raise StoreUnavailable(f"flag {key!r}: a rollback decided here is not written yet")
         now = self._clock()
         current = await self._reload(key)
         if current is None:

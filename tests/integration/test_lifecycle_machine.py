@@ -643,3 +643,76 @@ def test_lifecycle_deeper(restartable_redis: Any) -> None:
     """Longer sequences, and new ones on every run (a failure prints its sequence)."""
     _run(MemoryLifecycle, examples=100, steps=50, derandomize=False)
     _run(redis_machine(restartable_redis.url), examples=30, steps=40, derandomize=False)
+
+
+class _Replica:
+    """Stands for the `replica` draw of a rule when a sequence is replayed by hand."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def draw(self, strategy: Any, label: str | None = None) -> int:
+        return self.index
+
+
+def _check(machine: Lifecycle) -> None:
+    machine.stored_documents_validate()
+    machine.every_served_flag_routes()
+    machine.rolled_back_canary_gets_nothing()
+    machine.a_replica_serves_the_rollout_it_knows()
+    machine.each_transition_is_audited_once()
+
+
+@pytest.mark.parametrize("rule_to", [0, 2], ids=["promotable", "promotion-refused"])
+def test_a_rollback_decided_offline_is_written_before_its_canary_moves_on(
+    restartable_redis: Any, rule_to: int
+) -> None:
+    """Found by the deeper run. A replica rejects the canary while Redis is away and restarts
+    from its snapshot; the canary's promotion falls due meanwhile. When Redis returns, the first
+    write of the rollback fails on a connection the outage dropped. The replica then promoted
+    the canary it had rejected (or, with a rule naming `v1`, tried to: the promotion was refused)
+    before the next tick wrote the rollback over it."""
+    machine = redis_machine(restartable_redis.url)()
+    try:
+        machine.first_flag(doc=document(key="a", prefix=0, canary=0, schedule=0, rule_to=rule_to))
+        for step in (machine.outage, lambda: machine.tick(61.0), machine.recover,
+                     machine.outage, machine.recover, machine.outage,
+                     lambda: machine.tick(61.0), lambda: machine.tick(1.0),
+                     lambda: machine.guard_rejects("a", _Replica(0)),  # type: ignore[arg-type]
+                     lambda: machine.restart_replica(_Replica(0)),  # type: ignore[arg-type]
+                     machine.recover):  # fmt: skip
+            step()
+            _check(machine)
+        rollout = machine.rollout("a")
+        assert rollout is not None and rollout.phase is Phase.ROLLED_BACK, rollout
+        events = machine.run(machine.gateways[0].store.audit(flag="a", limit=100))
+        assert [e.action for e in events if "promot" in e.action] == [], events
+        stored = machine.stored("a")
+        assert stored is not None and stored[1]["stable"]["name"] == "v1", stored
+        assert stored[1]["canary"]["name"] == "v2", stored
+    finally:
+        machine.teardown()
+
+
+@pytest.mark.parametrize("action", ["promote", "pause"])
+def test_an_operator_action_meets_the_rollback_decided_before_it(
+    restartable_redis: Any, action: str
+) -> None:
+    """The guard rejects the canary while Redis is away; an operator acts on the same replica
+    once Redis is back, before any tick. The rollback is written first, so the action is refused
+    (409: a rolled-back rollout cannot be promoted or paused) instead of overriding the guard."""
+    machine = redis_machine(restartable_redis.url)()
+    try:
+        machine.first_flag(doc=document(key="a", prefix=0, canary=0, schedule=0, rule_to=0))
+        machine.outage()
+        machine.guard_rejects("a", _Replica(0))  # type: ignore[arg-type]
+        machine._recover()  # no tick: the rollback is still only decided
+        assert machine.gateways[0].controller.rollback_pending("a")
+        response = machine.call(0, "POST", f"/admin/flags/a/{action}", json={"reason": "ops"})
+        assert response.status_code == 409, response.text
+        rollout = machine.rollout("a")
+        assert rollout is not None and rollout.phase is Phase.ROLLED_BACK, rollout
+        assert rollout.reason == "sprt", rollout
+        _check(machine)
+    finally:
+        machine.teardown()
