@@ -499,29 +499,35 @@ class Proxy:
         guard = flag.guard
         if stream is not None:
             stream.finish()
-        if left and not _decided(status, stream, guard, elapsed):
+            expect_done = flag.errors is not None and flag.errors.stream_aborted
+            failure = stream.failure(expect_done=expect_done) or failure
+        shown = guard is not None and (
+            arm is flag.canary or (guard.relative and arm is flag.stable)
+        )
+        kind = None
+        if guard is not None and (shown or left):
+            kind = guard.policy.kind_of(status, failure, elapsed, stream)
+        if left and kind is None and not (stream is not None and stream.error_event):
+            # Of an answer its client left, only a failure it had already shown and that no
+            # rest of it could undo is known (an error event, or a kind its guard counts: an
+            # error status, a first event later than `ttft_over` or none by then, a wait
+            # longer than `latency_over`). Recording any other as a success or as cut would
+            # tilt the counts and the guard either way.
             return
         meters = arm.meters
         meters.count(status)
         meters.duration.observe(elapsed)
         if stream is not None:
             meters.stream(stream.ttft_s, stream.gaps, stream.completion_tokens)
-            expect_done = flag.errors is not None and flag.errors.stream_aborted
-            failure = stream.failure(expect_done=expect_done) or failure
         if failure is not None:
             meters.error(failure)
         elif status >= 500:
             meters.error("status_5xx")
         arm.served += 1
-        if guard is not None and (arm is flag.canary or (guard.relative and arm is flag.stable)):
-            kind = guard.policy.kind_of(status, failure, elapsed, stream)
-            # An answer its client left is evidence of a failure only (an error event the
-            # guard does not list leaves it undecided).
-            if kind is not None or not left:
-                if arm is flag.canary:
-                    guard.observe(kind is not None, kind)
-                else:
-                    guard.observe_stable(kind is not None)
+        # An answer its client left is evidence of a failure only (an error event the guard
+        # does not list leaves it undecided).
+        if shown and guard is not None and (kind is not None or not left):
+            _show_guard(flag, guard, arm, kind)
         if request.pairing is not None and not left:  # a cut-short answer pairs with nothing
             body = b"".join(captured) if captured else b""
             request.outcome = Outcome(arm.name, status, failure, elapsed * 1000.0, body, stream)
@@ -536,12 +542,8 @@ class Proxy:
         if guard is None:
             return
         over = guard.policy.latency_over_s
-        if over is None or time.perf_counter() - started <= over:
-            return
-        if arm is flag.canary:
-            guard.observe(True, "latency_over")
-        elif guard.relative and arm is flag.stable:
-            guard.observe_stable(True)
+        if over is not None and time.perf_counter() - started > over:
+            _show_guard(flag, guard, arm, "latency_over")
 
     async def _read_body(
         self, receive: Receive, *, whole: bool = False
@@ -638,20 +640,13 @@ def abort_client(send: Send, abort: AbortResponse | None) -> None:
         raise ResponseAborted("the upstream failed after the response head was sent")
 
 
-def _decided(
-    status: int, stream: StreamWatch | None, guard: CanaryGuard | None, elapsed_s: float
-) -> bool:
-    """Whether an answer its client left had already shown a failure that no rest of it
-    could undo: an error event, or one its guard counts (an error status, a first event later
-    than `ttft_over` or none by then, a wait longer than `latency_over`). Only such an answer
-    is recorded: of any other, nothing is known of the variant's answer, as of any exchange
-    whose client left; recording it as a success or as cut would tilt the counts and the
-    guard either way."""
-    if stream is not None and stream.error_event:
-        return True
-    if guard is None:
-        return False
-    return guard.policy.kind_of(status, None, elapsed_s, stream) is not None
+def _show_guard(flag: FlagRuntime, guard: CanaryGuard, arm: Arm, kind: str | None) -> None:
+    """Show one answer of `arm` to the guard, failed when `kind` names its failure: every
+    canary answer, and in relative mode every stable one (the other arm of the comparison)."""
+    if arm is flag.canary:
+        guard.observe(kind is not None, kind)
+    elif guard.relative and arm is flag.stable:
+        guard.observe_stable(kind is not None)
 
 
 def _watch_client(request: ProxiedRequest, task: asyncio.Task[Any]) -> None:

@@ -68,11 +68,6 @@ class StreamWatch:
     def ttft_s(self) -> float | None:
         return None if self.first_at is None else self.first_at - self.started
 
-    @property
-    def aborted(self) -> bool:
-        """Ended without the terminal event, or cut mid-body (not by a client that left)."""
-        return self.cut or not (self.done or self.client_left)
-
     def feed(self, chunk: bytes, now: float) -> None:
         buf = self._partial + chunk if self._partial else chunk
         carry = b""
