@@ -177,7 +177,7 @@ class Gateway:
         rollouts = store.imaged_rollouts() if snapshot is not None else {}
         for flag in self.router:
             if flag.key in rollouts:
-                self.controller.adopt(flag, rollouts[flag.key], now)
+                self.controller.apply(flag, rollouts[flag.key], now)
             if self.controller.rollback_pending(flag.key):
                 flag.canary_open, flag.weight = False, 0.0
         self._seed_pending = True

@@ -127,6 +127,15 @@ class Controller:
                     self.apply(flag, known, now)
                 return
         rollout = await self._current(flag, now)
+        if _rolls_out(rollout, flag):
+            rollout = await self._step(flag, rollout, now)
+        # Else another replica started the rollout of a document this one has not applied yet:
+        # that rollout is not this document's to move on, and its canary waits (no weight).
+        self.apply(flag, rollout, now)
+
+    async def _step(self, flag: FlagRuntime, rollout: Rollout, now: float) -> Rollout:
+        """Move `flag`'s own rollout on by its schedule (promoting the document when it is
+        done); the rollout this replica knows afterwards."""
         doc = flag.flag
         moved = sched.advance(
             doc.schedule, rollout, now, requires_evidence=doc.advance_requires_evidence
@@ -139,16 +148,27 @@ class Controller:
                 if moved.step != rollout.step and flag.guard is not None:
                     flag.guard.new_step()  # the flusher tells the store (and so the fleet)
             rollout = await self._reload(flag.key) or moved
+            if not _rolls_out(rollout, flag):
+                return rollout  # replaced meanwhile by another replica's new rollout
         await self._follow_rollout(flag, rollout)
         if rollout.phase is Phase.PROMOTED:
             await self._promote_document(flag, rollout)
             # A refused promotion read the rollout again, maybe moved on by another replica.
             rollout = self._rollouts.get(flag.key) or rollout
-        self.apply(flag, rollout, now)
+        return rollout
 
     def apply(self, flag: FlagRuntime, rollout: Rollout, now: float) -> None:
-        """Set the request path's view of one flag from its rollout state."""
+        """Take `rollout` as this replica's knowledge of `flag` and set the request path's view
+        of the flag from it. A rollout of another canary or schedule than the flag's (the
+        document replaced them since, or this replica has not yet applied the document that
+        replaced the canary it serves) gives the canary no traffic by weight: not until the
+        flag's own rollout starts or the newer document arrives."""
         self._rollouts[flag.key] = rollout
+        if not _rolls_out(rollout, flag):
+            if flag.canary is not None and flag.weight:
+                flag.weight = 0.0
+                self._metrics.canary_weight.labels(flag.key).set(0.0)
+            return
         closed = rollout.phase is Phase.ROLLED_BACK or flag.key in self._pending_rollbacks
         guard = flag.guard
         if guard is not None and guard.tripped and rollout.phase is not Phase.ROLLED_BACK:
@@ -157,16 +177,6 @@ class Controller:
         flag.canary_open = not closed
         flag.weight = 0.0 if closed else sched.weight(flag.flag.schedule, rollout, now)
         self._show(flag, "rolled_back" if closed else rollout.phase.value)
-
-    def adopt(self, flag: FlagRuntime, rollout: Rollout, now: float) -> None:
-        """Take `rollout` as this replica's knowledge of `flag` (read from the snapshot file, the
-        store away): served if it is the rollout of the flag's canary and schedule, only
-        recorded if the document has replaced them since (no traffic by weight until the store
-        answers and the new rollout starts)."""
-        if _rolls_out(rollout, flag):
-            self.apply(flag, rollout, now)
-        else:
-            self._rollouts[flag.key] = rollout
 
     def _show(self, flag: FlagRuntime, state: str) -> None:
         self._metrics.canary_weight.labels(flag.key).set(flag.weight)
@@ -217,15 +227,16 @@ class Controller:
         """Read `key`'s rollout from the store, and serve it at once: what this replica knows of
         a rollout is what its request path does, whichever task read it (a tick, an operator's
         action that is then refused, a guard's write). A rollback read here closes the canary
-        now, not when the change message or the next tick comes. A rollout of a canary or
-        schedule the document has since replaced is only recorded: the next step starts anew."""
+        now, not when the change message or the next tick comes. A rollout of another canary or
+        schedule than the document's stops the canary's traffic by weight (`apply`)."""
         rollout = await self._store.rollout(key)
         if rollout is None:  # deleted with its flag: one created again under the key starts anew
             self._rollouts.pop(key, None)
             return None
-        self._rollouts[key] = rollout
         flag = self._router().by_key.get(key)
-        if flag is not None and _rolls_out(rollout, flag):
+        if flag is None:
+            self._rollouts[key] = rollout
+        else:
             self.apply(flag, rollout, self._clock())
         return rollout
 

@@ -275,6 +275,12 @@ def test_memory_store_keeps_applying_changes_after_a_promotion(
         f"{gw.admin_url}/admin/flags/sentiment", json=doc, headers={**AUTH, "If-Match": "2"}
     )
     assert r.status_code == 200 and r.json()["rollout"] == "starts a new rollout", r.text
+    # The new canary gets traffic once its rollout starts (the controller's next step).
+    status = f"{gw.admin_url}/admin/flags/sentiment/status"
+    wait_for(
+        lambda: httpx.get(status, headers=AUTH).json()["state"] == "running",
+        "the new canary's rollout never started",
+    )
     variants = {r.headers["x-gateway-variant"] for r in traffic(gw, 40)}
     assert variants == {"v2", "v3"}  # the rule now sends x-canary to the new stable, v2
     assert "Task exception was never retrieved" not in gw.server.log()

@@ -716,3 +716,33 @@ def test_an_operator_action_meets_the_rollback_decided_before_it(
         _check(machine)
     finally:
         machine.teardown()
+
+
+def test_a_replica_that_reads_the_rollout_of_another_canary_stops_its_own(
+    restartable_redis: Any,
+) -> None:
+    """Found by the deeper run. Replica 1 has not applied the change message of a promotion
+    yet (it waits for the replica's lock here, as behind a long step), so it still serves the
+    canary at the weight it had. It then reads the flag's rollout, which now rolls out no
+    canary: the canary it serves belongs to no rollout it knows, and gets nothing by weight
+    until its own rollout starts or the promoted document arrives."""
+    machine = redis_machine(restartable_redis.url)()
+    try:
+        machine.first_flag(doc=document(key="b", prefix=0, canary=0, schedule=0, rule_to=0))
+        lagging = machine.gateways[1]
+        assert lagging.router.by_key["b"].weight == 0.1
+        machine.run(lagging.controller.lock.acquire())  # its change messages wait
+        machine.now += 200.0
+        for _ in range(2):  # promoted (the document loses its canary), then its plan forgotten
+            machine.run(machine.gateways[0].controller.tick())
+            machine.settle()
+        stored = machine.stored("b")
+        assert stored is not None and "canary" not in stored[1], stored
+        machine.run(lagging.controller.refresh("b"))  # a rollout message, say
+        assert lagging.router.by_key["b"].canary is not None  # the promotion not applied yet
+        machine.a_replica_serves_the_rollout_it_knows()
+        lagging.controller.lock.release()
+        machine.sync()  # replicas agree, and every invariant holds
+        _check(machine)
+    finally:
+        machine.teardown()
