@@ -210,7 +210,7 @@ class Controller:
 
     async def _current(self, flag: FlagRuntime, now: float) -> Rollout:
         rollout = self._rollouts.get(flag.key) or await self._reload(flag.key)
-        plan = plan_of(flag.flag)
+        plan = flag.plan
         if rollout is not None and not needs_new_rollout(rollout.plan, plan, rollout.phase):
             return rollout  # a schedule edit alone leaves a rolled-back rollout rolled back
         # No rollout yet, a new canary, or a new schedule for a running one: a new rollout.
@@ -357,7 +357,7 @@ class Controller:
                     return  # a store that lost its state: kept pending until it is restored
                 if current.phase is Phase.ROLLED_BACK:
                     break
-                if not same_canary(current.plan, plan_of(flag.flag)):
+                if not same_canary(current.plan, flag.plan):
                     break  # the store's rollout is of another canary (or of none any more)
                 # A promoted rollout whose document still has the canary (not written yet, or
                 # refused) still serves it: roll it back like a running one, so every replica
@@ -421,7 +421,7 @@ class Controller:
         if current is None:
             current = await self._current(flag, now)
         try:
-            target = _transition(action, current, now, plan=plan_of(flag.flag), reason=reason)
+            target = _transition(action, current, now, plan=flag.plan, reason=reason)
         except ValueError as exc:  # the schedule's rule for this phase (core raises ValueError)
             raise IllegalTransition(str(exc)) from exc
         change = {"from": current.phase.value, "to": target.phase.value}
@@ -470,7 +470,7 @@ def _transition(action: str, current: Rollout, now: float, *, plan: str, reason:
 def _rolls_out(rollout: Rollout, flag: FlagRuntime) -> bool:
     """`rollout` is the one of `flag`'s canary and schedule (not of a canary or schedule the
     document has replaced, whose new rollout the controller has yet to start)."""
-    plan = plan_of(flag.flag)
+    plan = flag.plan
     return plan != "" and not needs_new_rollout(rollout.plan, plan, rollout.phase)
 
 

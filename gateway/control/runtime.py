@@ -60,6 +60,9 @@ class FlagRuntime:
     # Counts an answer given before a variant was assigned (a body-reading flag's request
     # refused while its body was read): variant="" in gateway_requests_total.
     count_unassigned: Callable[[int], None] = lambda status: None
+    # What a rollout of this document rolls out (`lifecycle.plan_of`), computed once: the
+    # controller compares it on every step.
+    plan: str = ""
 
     @property
     def key(self) -> str:
@@ -129,6 +132,7 @@ def compile_flag(
         or flag.unit.source == "body"
         or any(v.model for v in (flag.stable, flag.canary, *flag.variants, *flag.shadows) if v),
         count_unassigned=lambda status: metrics.requests.labels(flag.key, "", str(status)).inc(),
+        plan=plan_of(flag),
     )
 
 
@@ -141,7 +145,7 @@ def carry_over(old: FlagRuntime, new: FlagRuntime) -> None:
     new.canary_open = old.canary_open
     # A new canary or schedule is a new rollout, which starts at its first step when the
     # controller next steps it: until then it gets no traffic by weight, not the old one's.
-    new.weight = old.weight if plan_of(new.flag) == plan_of(old.flag) else 0.0
+    new.weight = old.weight if new.plan == old.plan else 0.0
     for name, arm in new.arms.items():
         if name in old.arms:
             arm.served = old.arms[name].served

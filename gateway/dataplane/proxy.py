@@ -501,19 +501,17 @@ class Proxy:
             stream.finish()
             expect_done = flag.errors is not None and flag.errors.stream_aborted
             failure = stream.failure(expect_done=expect_done) or failure
-        shown = guard is not None and (
-            arm is flag.canary or (guard.relative and arm is flag.stable)
-        )
         kind = None
-        if guard is not None and (shown or left):
-            kind = guard.policy.kind_of(status, failure, elapsed, stream)
-        if left and kind is None and not (stream is not None and stream.error_event):
-            # Of an answer its client left, only a failure it had already shown and that no
-            # rest of it could undo is known (an error event, or a kind its guard counts: an
-            # error status, a first event later than `ttft_over` or none by then, a wait
-            # longer than `latency_over`). Recording any other as a success or as cut would
-            # tilt the counts and the guard either way.
-            return
+        if left:
+            if guard is not None:
+                kind = guard.policy.kind_of(status, failure, elapsed, stream)
+            if kind is None and not (stream is not None and stream.error_event):
+                # Of an answer its client left, only a failure it had already shown and that
+                # no rest of it could undo is known (an error event, or a kind its guard
+                # counts: an error status, a first event later than `ttft_over` or none by
+                # then, a wait longer than `latency_over`). Recording any other as a success
+                # or as cut would tilt the counts and the guard either way.
+                return
         meters = arm.meters
         meters.count(status)
         meters.duration.observe(elapsed)
@@ -526,8 +524,11 @@ class Proxy:
         arm.served += 1
         # An answer its client left is evidence of a failure only (an error event the guard
         # does not list leaves it undecided).
-        if shown and guard is not None and (kind is not None or not left):
-            _show_guard(flag, guard, arm, kind)
+        if guard is not None and (arm is flag.canary or (guard.relative and arm is flag.stable)):
+            if not left:
+                kind = guard.policy.kind_of(status, failure, elapsed, stream)
+            if kind is not None or not left:
+                _show_guard(flag, guard, arm, kind)
         if request.pairing is not None and not left:  # a cut-short answer pairs with nothing
             body = b"".join(captured) if captured else b""
             request.outcome = Outcome(arm.name, status, failure, elapsed * 1000.0, body, stream)
