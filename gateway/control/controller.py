@@ -116,16 +116,13 @@ class Controller:
             flag.weight, flag.canary_open = 0.0, False
             self._show(flag, rollout.phase.value if rollout else "running")
             return
-        if flag.key in self._pending_rollbacks:
-            await self._write_rollback(flag, self._pending_rollbacks[flag.key])
-            if flag.key in self._pending_rollbacks:
-                # Not written yet (the store failed the write, or lost its state and is about
-                # to be restored). Nothing may move this rollout on meanwhile: a step or a
-                # promotion now would carry a canary this replica has rejected.
-                known = self._rollouts.get(flag.key)
-                if known is not None:
-                    self.apply(flag, known, now)
-                return
+        if not await self._rollback_written(flag):
+            # Nothing may move this rollout on meanwhile: a step or a promotion now would
+            # carry a canary this replica has rejected.
+            known = self._rollouts.get(flag.key)
+            if known is not None:
+                self.apply(flag, known, now)
+            return
         rollout = await self._current(flag, now)
         if _rolls_out(rollout, flag):
             rollout = await self._step(flag, rollout, now)
@@ -349,6 +346,15 @@ class Controller:
             if flag is not None and event is not None:  # else: superseded while we waited
                 await self._write_rollback(flag, event)
 
+    async def _rollback_written(self, flag: FlagRuntime) -> bool:
+        """Write the rollback of `flag` this replica decided but has not written yet, if any;
+        False while it stays unwritten (the store failed the write, or lost its state and is
+        about to be restored)."""
+        event = self._pending_rollbacks.get(flag.key)
+        if event is not None:
+            await self._write_rollback(flag, event)
+        return flag.key not in self._pending_rollbacks
+
     async def _write_rollback(self, flag: FlagRuntime, event: AuditEvent) -> None:
         try:
             for _ in range(10):
@@ -409,13 +415,11 @@ class Controller:
             )
         if flag.canary is None and action != "restart":
             raise IllegalTransition(f"flag {key!r} has no canary to {action}")
-        if key in self._pending_rollbacks and action != "restart":
-            # The guard decided first: its rollback is written before the action applies, so
-            # an operator's promote or resume meets the rolled-back state it would have met had
-            # the store answered at once. (A restart voids the test and its verdict.)
-            await self._write_rollback(flag, self._pending_rollbacks[key])
-            if key in self._pending_rollbacks:
-                raise StoreUnavailable(f"flag {key!r}: a rollback decided here is not written yet")
+        # The guard decided first: its rollback is written before the action applies, so an
+        # operator's promote or resume meets the rolled-back state it would have met had the
+        # store answered at once. (A restart voids the test and its verdict.)
+        if action != "restart" and not await self._rollback_written(flag):
+            raise StoreUnavailable(f"flag {key!r}: a rollback decided here is not written yet")
         now = self._clock()
         current = await self._reload(key)
         if current is None:
