@@ -18,6 +18,13 @@ How, and why (bench/RESULTS.md, "Where the direct client's speed comes from", ha
   response, cookie, redirect, trace and middleware objects a proxy has no use for.
 - A streamed request body goes through the stock client, on the same pool, because
   `ClientSession` writes the body while the answer may already be arriving.
+- A connection the direct way has read an answer to its end on is kept by it for its origin's
+  next direct request (`_Route.idle`) rather than handed back to aiohttp's pool: it stays
+  acquired from the pool, so taking it again costs a list pop, not the pool's connect and
+  release. `upstream.max_connections` still bounds the whole: the client counts what it
+  holds, the stock requests in flight and the requests waiting for a connection, and hands
+  kept connections back to the pool whenever that count would pass the limit, so no request
+  waits on a connection kept idle for another origin or for the direct way.
 - A connection keeps the response parser the direct way set on it: a parser is left at a
   message's end when its connection goes back to the pool, so it serves the connection's next
   answers too, unless something else (a HEAD, a `ClientSession` request) replaced it.
@@ -38,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
@@ -57,7 +65,7 @@ from gateway.dataplane.upstream.aiohttp_client import (
     translate,
 )
 from gateway.dataplane.upstream.base import Body, Origin
-from gateway.dataplane.upstream.wire import IDEMPOTENT, TurnWrites, request_head
+from gateway.dataplane.upstream.wire import IDEMPOTENT, IDLE_LIMIT_S, TurnWrites, request_head
 from gateway.errors import UpstreamBadResponse, UpstreamError
 
 # What the direct way meets besides ClientSession's errors: the parser's own, which
@@ -79,9 +87,10 @@ class _OriginRequest(ClientRequest):
 
 
 class _Route:
-    """What every request to one origin shares: the pool key and the Host header."""
+    """What every request to one origin shares: the pool key, the Host header, and the
+    connections kept for its next requests."""
 
-    __slots__ = ("host", "key_request", "path_prefix")
+    __slots__ = ("host", "idle", "key_request", "path_prefix")
 
     def __init__(self, origin: Origin) -> None:
         self.host = origin.authority
@@ -91,24 +100,28 @@ class _Route:
         url = URL.build(scheme=origin.scheme, host=origin.host, port=origin.port)
         loop = asyncio.get_running_loop()
         self.key_request = _OriginRequest("GET", url, loop=loop, ssl=True)
+        # Kept connections and when each was kept, the latest last.
+        self.idle: list[tuple[Connection, float]] = []
 
 
 class _DirectResponse:
-    __slots__ = ("_body_deadlines", "_connection", "_payload", "headers", "status")
+    __slots__ = ("_client", "_connection", "_payload", "_route", "headers", "status")
 
     def __init__(
         self,
+        client: DirectAiohttpClient,
+        route: _Route,
         connection: Connection,
         status: int,
         headers: Sequence[tuple[bytes, bytes]],
         payload: StreamReader,
-        body_deadlines: Deadlines[_PushReader, None],
     ) -> None:
+        self._client = client
+        self._route = route
         self._connection: Connection | None = connection
         self._payload = payload
         self.status = status
         self.headers = headers
-        self._body_deadlines = body_deadlines
 
     async def chunks(self) -> AsyncIterator[bytes]:
         payload = self._payload
@@ -149,7 +162,7 @@ class _DirectResponse:
         # next exchange on the connection sets it again if its body needs it).
         protocol.read_timeout = None
         protocol._drop_timeout()
-        reader = _PushReader(protocol, on_chunk, self._body_deadlines)
+        reader = _PushReader(protocol, on_chunk, self._client.body_deadlines)
         setattr(protocol, _PUSH, reader)
         payload.__class__ = _PushStream
         try:
@@ -176,9 +189,9 @@ class _DirectResponse:
         if connection is None:
             return
         if self._payload.is_eof():
-            connection.release()  # back to the pool, unless the protocol says it must close
+            self._client.keep(self._route, connection)
         else:
-            connection.close()  # the rest of the body is still on the wire
+            self._client.drop(connection)  # the rest of the body is still on the wire
 
 
 class _Push(enum.Enum):
@@ -323,17 +336,23 @@ class DirectAiohttpClient:
         self._head_deadlines: Deadlines[ResponseHandler, None] = Deadlines(
             read_timeout_s, _head_timed_out, resolution_s=resolution_s
         )
-        self._body_deadlines: Deadlines[_PushReader, None] = Deadlines(
+        self.body_deadlines: Deadlines[_PushReader, None] = Deadlines(
             read_timeout_s, _body_timed_out, resolution_s=resolution_s
         )
         self._routes: dict[Origin, _Route] = {}
         self._writes = TurnWrites()
+        # What counts against the pool's limit, as this client knows it (see `keep`).
+        self._limit = self._connector.limit or max_connections
+        self._held = 0  # connections acquired by the direct way: in an exchange, or kept
+        self._stock_exchanges = 0  # stock requests in flight, from send() to aclose()
+        self._connecting = 0  # direct requests waiting for the pool's connect()
+        self._closing = False
 
     async def send(
         self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
     ) -> _DirectResponse | SessionResponse:
         if body is not None and not isinstance(body, bytes):
-            return await self._stock.send(method, origin, target, headers, body)
+            return await self._send_stock(method, origin, target, headers, body)
         route = self._routes.get(origin)
         if route is None:
             route = self._routes[origin] = _Route(origin)
@@ -343,27 +362,103 @@ class DirectAiohttpClient:
         message = head + body if body else head
         retry = method in IDEMPOTENT
         while True:
+            connection = self._take(route) if route.idle else None
+            if connection is None:
+                connection = await self._connect(route)
             try:
-                connection = await self._connector.connect(route.key_request, [], self._timeout)
-            except _FAILURES as exc:
-                raise _translate(exc) from exc
-            try:
-                return await self._exchange(connection, method, message)
+                return await self._exchange(connection, route, method, message)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # Most likely a pooled connection the upstream closed while it sat idle.
-                connection.close()
+                self.drop(connection)
                 if not retry:
                     raise _translate(exc) from exc
                 retry = False
             except _FAILURES as exc:
-                connection.close()
+                self.drop(connection)
                 raise _translate(exc) from exc
             except BaseException:
-                connection.close()
+                self.drop(connection)
                 raise
 
+    def _take(self, route: _Route) -> Connection | None:
+        """The connection kept latest for `route`'s origin that is still open and not idle
+        too long; None when there is none."""
+        idle = route.idle
+        now = time.monotonic()
+        if now - idle[0][1] > IDLE_LIMIT_S:  # the oldest: closed so that idle ones do not pile up
+            self.drop(idle.pop(0)[0])
+        while idle:
+            connection, kept_at = idle.pop()
+            protocol = connection.protocol
+            if protocol is not None and protocol.is_connected() and now - kept_at <= IDLE_LIMIT_S:
+                return connection
+            self.drop(connection)
+        return None
+
+    async def _connect(self, route: _Route) -> Connection:
+        """A connection from aiohttp's pool, or a new one, once the limit leaves room."""
+        self._connecting += 1
+        try:
+            self._make_room()
+            connection = await self._connector.connect(route.key_request, [], self._timeout)
+        except _FAILURES as exc:
+            raise _translate(exc) from exc
+        finally:
+            self._connecting -= 1
+        self._held += 1
+        return connection
+
+    async def _send_stock(
+        self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
+    ) -> SessionResponse:
+        self._stock_exchanges += 1
+        route = self._routes.get(origin)
+        if route is not None and route.idle:  # for the stock request to take from the pool
+            self._held -= 1
+            route.idle.pop()[0].release()
+        try:
+            self._make_room()
+            response = await self._stock.send(method, origin, target, headers, body)
+        except BaseException:
+            self._stock_exchanges -= 1
+            raise
+        response.on_close = self._stock_closed
+        return response
+
+    def _stock_closed(self) -> None:
+        self._stock_exchanges -= 1
+
+    def _over_limit(self) -> bool:
+        return self._held + self._stock_exchanges + self._connecting > self._limit
+
+    def _make_room(self) -> None:
+        """While the connections held, wanted and waited for pass the limit, hand kept
+        connections back to the pool, where a waiting request can have them."""
+        while self._over_limit():
+            idle = next((route.idle for route in self._routes.values() if route.idle), None)
+            if idle is None:
+                return  # every connection is in an exchange: the pool queues the request
+            self._held -= 1
+            idle.pop(0)[0].release()
+
+    def keep(self, route: _Route, connection: Connection) -> None:
+        """`connection`'s answer was read to its end: keep it for the origin's next direct
+        request, or hand it back to the pool (which closes it if the protocol says it must)
+        if the client is closing or a request waits for room."""
+        protocol = connection.protocol
+        if self._closing or protocol is None or protocol.should_close or self._over_limit():
+            self._held -= 1
+            connection.release()
+            return
+        route.idle.append((connection, time.monotonic()))
+
+    def drop(self, connection: Connection) -> None:
+        """Close `connection`: what is left of its exchange cannot be read."""
+        self._held -= 1
+        connection.close()
+
     async def _exchange(
-        self, connection: Connection, method: str, message: bytes
+        self, connection: Connection, route: _Route, method: str, message: bytes
     ) -> _DirectResponse:
         protocol, transport = connection.protocol, connection.transport
         if protocol is None or transport is None:
@@ -395,13 +490,16 @@ class DirectAiohttpClient:
             # timeout, from aiohttp's timer, as on the ClientSession way.
             protocol.read_timeout = self._read_timeout_s
             protocol.start_timeout()
-        return _DirectResponse(
-            connection, response.code, response.raw_headers, payload, self._body_deadlines
-        )
+        code, raw_headers = response.code, response.raw_headers
+        return _DirectResponse(self, route, connection, code, raw_headers, payload)
 
     async def aclose(self) -> None:
+        self._closing = True
+        for route in self._routes.values():
+            while route.idle:
+                self.drop(route.idle.pop()[0])
         self._head_deadlines.close()
-        self._body_deadlines.close()
+        self.body_deadlines.close()
         await self._stock.aclose()  # and the connector its session owns
 
 

@@ -24,7 +24,7 @@ client keeps (DESIGN 10):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from yarl import URL
@@ -57,12 +57,14 @@ def new_connector(max_connections: int) -> aiohttp.TCPConnector:
 class SessionResponse:
     """An upstream answer read through `aiohttp.ClientResponse`."""
 
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_response", "headers", "on_close", "status")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
         self.headers = list(response.raw_headers)
+        # Called once, by the first aclose(): a client that shares the pool counts with it.
+        self.on_close: Callable[[], None] | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -81,6 +83,9 @@ class SessionResponse:
         # Back to the pool when the body was read to its end; closed otherwise, as the rest
         # of it is still on the wire.
         self._response.release()
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
 
 
 class AiohttpClient:

@@ -39,7 +39,13 @@ import httptools
 
 from gateway.dataplane.deadlines import Deadlines
 from gateway.dataplane.upstream.base import Body, Origin
-from gateway.dataplane.upstream.wire import CHUNKED, IDEMPOTENT, TurnWrites, request_head
+from gateway.dataplane.upstream.wire import (
+    CHUNKED,
+    IDEMPOTENT,
+    IDLE_LIMIT_S,
+    TurnWrites,
+    request_head,
+)
 from gateway.errors import (
     UpstreamBadResponse,
     UpstreamConnectError,
@@ -49,10 +55,6 @@ from gateway.errors import (
 
 # Bytes of an answer's body held unread before the connection stops being read.
 BUFFER_LIMIT = 2**16
-# A pooled connection idle longer than this is closed rather than used: upstreams close idle
-# connections after a few seconds, and one that did so just now would cost a retry (aiohttp's
-# keep-alive default).
-IDLE_LIMIT_S = 15.0
 # Statuses whose answers have no body whatever their headers say (RFC 9110 6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
 

@@ -18,6 +18,10 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # `body_length` for a body sent in chunks as it arrives.
 CHUNKED = -1
+# A pooled connection idle longer than this is closed rather than used: upstreams close idle
+# connections after a few seconds, and one that did so just now would cost a retry (aiohttp's
+# keep-alive default).
+IDLE_LIMIT_S = 15.0
 
 
 def request_head(
