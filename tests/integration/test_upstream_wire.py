@@ -255,6 +255,32 @@ def test_answers_of_every_framing_follow_one_another_on_one_connection(
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_bodies_of_every_size_are_whole_and_the_connection_serves_the_next_answer(
+    client: str, upstream: Callable[[Answer], ScriptedUpstream], gateway_server: Callable[..., Any]
+) -> None:
+    """Bodies on either side of the client's read buffer (aiohttp pauses reading past
+    128 KiB), with a length or in many small chunks: each comes back whole, whether it had
+    all arrived with its head or not, and the next request goes out on the same connection."""
+    big = bytes(range(256)) * 1200  # 300 KiB
+    script = [
+        ok(b""),
+        ok(b"x"),
+        ok(big),
+        chunked(*[big[i : i + 100] for i in range(0, 20_000, 100)]),
+        chunked(big),
+        ok(b"last"),
+    ]
+    expected = [b"", b"x", big, big[:20_000], big, b"last"]
+    up = upstream(lambda seen: script[seen.index])
+    gw = _gateway(gateway_server, up.url, client)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        got = [c.get("/v1/sentiment").content for _ in script]
+    assert [len(body) for body in got] == [len(body) for body in expected]
+    assert got == expected
+    assert [s.connection for s in up.seen] == [0] * len(script)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 def test_a_body_that_stalls_after_the_head_is_cut_at_the_read_timeout(
     client: str,
     upstream: Callable[[Answer], ScriptedUpstream],

@@ -180,9 +180,26 @@ class _DirectResponse:
 
     def complete_body(self) -> bytes | None:
         payload = self._payload
-        if payload.is_eof() and payload.exception() is None:
+        if not payload.is_eof() or payload.exception() is not None:
+            return None
+        connection = self._connection
+        protocol = connection.protocol if connection is not None else None
+        if (
+            type(payload) is not StreamReader
+            or protocol is None
+            or protocol._reading_paused
+            or getattr(protocol, "_buffer_paused", False)
+            or payload._buffer_offset
+        ):
             return payload.read_nowait()
-        return None
+        # The whole body is in the reader's buffer and nothing paused the connection: taken
+        # from the buffer as it is. `read_nowait()` would resume the connection's reading on
+        # every call, and resuming parses an empty read (`data_received(b"")`).
+        buffer = payload._buffer
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        payload._size = 0
+        return data
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
