@@ -26,6 +26,7 @@ import pytest
 import redis
 from conftest import flag_doc, stop
 from scrape import metric
+from sockets import tcp_sockets
 from waiting import wait_until
 
 # The upstream clients (`upstream.client`): the tests of an upstream that fails, stalls or is
@@ -56,6 +57,11 @@ def vitals(gw: Any) -> dict[str, int]:
     ready = httpx.get(f"{gw.admin_url}/readyz").json()
     fds = len(os.listdir(f"/proc/{gw.server.process.pid}/fd"))
     return {"in_flight": ready["in_flight"], "tasks": ready["tasks"], "fds": fds}
+
+
+def held_sockets(gw: Any) -> list[str]:
+    """What the gateway holds open, for the message of a leak check that failed."""
+    return [str(s) for s in tcp_sockets(gw.server.process.pid)]
 
 
 def idle_baseline(gw: Any) -> dict[str, int]:
@@ -330,7 +336,7 @@ def test_stalled_upstream_answers_504_and_leaves_no_task_behind(
 
     after = settles(gw, baseline)
     print(f"stall: baseline {baseline}, after {after}")
-    assert is_settled(after, baseline), (baseline, after)
+    assert is_settled(after, baseline), (baseline, after, held_sockets(gw))
 
 
 # --- 4. a storm of clients leaving mid-request ------------------------------------------------
@@ -403,7 +409,7 @@ def test_storm_of_clients_leaving_mid_stream_leaves_nothing_behind(
         f"storm of {clients} slow streams: baseline {baseline}, after {after}; upstream "
         f"started {started}, aborted {len(aborted)}, most chunks sent {max(sent)} of {chunks}"
     )
-    assert is_settled(after, baseline), (baseline, after)
+    assert is_settled(after, baseline), (baseline, after, held_sockets(gw))
     # The departed clients stopped the upstream transfers: every stream the model server began
     # was abandoned early (none ran its 50 chunks), the readers' ones included.
     assert len(aborted) == started >= clients // 2

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
 
+from gateway.dataplane.fast.httpx_pool import connection_pool, new_connections
 from gateway.dataplane.upstream.base import Body, Origin
 from gateway.errors import (
     UnsendableRequest,
@@ -14,6 +17,13 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+
+log = logging.getLogger(__name__)
+
+# How long a connection may stay NEW after a cancellation before it counts as stranded
+# (fast/httpx_pool.py). A request that goes on leaves NEW within one loop turn; even if a stalled
+# loop made one wait longer, closing its connection only makes the pool hand it another.
+STRANDED_AFTER_S = 1.0
 
 
 class HttpxResponse:
@@ -62,6 +72,14 @@ class HttpxClient:
         # The client's own headers are forwarded; httpx's defaults (User-Agent, Accept-Encoding:
         # gzip while bodies are relayed undecoded, ...) must not be invented on its behalf.
         self._client.headers.clear()
+        self._pool = connection_pool(self._client)
+        if self._pool is None:
+            log.warning(
+                "httpx keeps its connection pool elsewhere in this version: connections that "
+                "cancelled requests strand are not closed until the client is"
+            )
+        self._cancelled_since_sweep = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def send(
         self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
@@ -79,13 +97,40 @@ class HttpxClient:
         try:
             request = self._client.build_request(method, url, headers=raw, content=body)
             response = await self._client.send(request, stream=True)
+        except asyncio.CancelledError:
+            self._sweep_soon()
+            raise
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         except (ValueError, UnicodeError) as exc:  # a header httpx will not write
             raise UnsendableRequest(f"request refused by the client library: {exc}") from exc
         return HttpxResponse(response)
 
+    def _sweep_soon(self) -> None:
+        """After a cancelled request: close what it may have stranded, once it is clear."""
+        if self._pool is None:
+            return
+        self._cancelled_since_sweep = True
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._close_stranded())
+
+    async def _close_stranded(self) -> None:
+        assert self._pool is not None
+        while self._cancelled_since_sweep:
+            self._cancelled_since_sweep = False
+            suspects = new_connections(self._pool)
+            if not suspects:
+                continue
+            await asyncio.sleep(STRANDED_AFTER_S)
+            still_new = {id(c) for c in new_connections(self._pool)}
+            for connection in suspects:
+                if id(connection) in still_new:
+                    await connection.aclose()
+
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await self._client.aclose()
 
 
