@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -54,10 +58,33 @@ def status(
                 fail(str(exc), exc.code)
             typer.echo(json.dumps(doc, indent=2) if as_json else "\n".join(describe(doc)))
             return
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
+        with contextlib.suppress(KeyboardInterrupt), _interrupt_event() as interrupted:
+            while not interrupted.is_set():
                 _frame(client, key, as_json=as_json, interval=interval)
-                time.sleep(interval)
+                interrupted.wait(interval)
+
+
+@contextlib.contextmanager
+def _interrupt_event() -> Iterator[threading.Event]:
+    """An event that Ctrl-C sets, in place of the KeyboardInterrupt it raises.
+
+    Raised at an arbitrary point, KeyboardInterrupt can land in a finalizer, where Python only
+    prints it and goes on, and the watch never ended. The first Ctrl-C lets the frame being
+    drawn finish; a second one, should a request hang, raises as usual."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signal handlers can only be set from the main thread
+        return
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupted.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def _frame(client: AdminClient, key: str, *, as_json: bool, interval: float) -> None:
