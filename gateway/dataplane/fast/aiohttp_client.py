@@ -359,7 +359,7 @@ class DirectAiohttpClient:
         self._routes: dict[Origin, _Route] = {}
         self._writes = TurnWrites()
         # What counts against the pool's limit, as this client knows it (see `keep`).
-        self._limit = self._connector.limit or max_connections
+        self._limit = max_connections
         self._held = 0  # connections acquired by the direct way: in an exchange, or kept
         self._stock_exchanges = 0  # stock requests in flight, from send() to aclose()
         self._connecting = 0  # direct requests waiting for the pool's connect()
@@ -431,8 +431,7 @@ class DirectAiohttpClient:
         self._stock_exchanges += 1
         route = self._routes.get(origin)
         if route is not None and route.idle:  # for the stock request to take from the pool
-            self._held -= 1
-            route.idle.pop()[0].release()
+            self._hand_back(route.idle.pop()[0])
         try:
             self._make_room()
             response = await self._stock.send(method, origin, target, headers, body)
@@ -455,8 +454,7 @@ class DirectAiohttpClient:
             idle = next((route.idle for route in self._routes.values() if route.idle), None)
             if idle is None:
                 return  # every connection is in an exchange: the pool queues the request
-            self._held -= 1
-            idle.pop(0)[0].release()
+            self._hand_back(idle.pop(0)[0])
 
     def keep(self, route: _Route, connection: Connection) -> None:
         """`connection`'s answer was read to its end: keep it for the origin's next direct
@@ -464,10 +462,14 @@ class DirectAiohttpClient:
         if the client is closing or a request waits for room."""
         protocol = connection.protocol
         if self._closing or protocol is None or protocol.should_close or self._over_limit():
-            self._held -= 1
-            connection.release()
+            self._hand_back(connection)
             return
         route.idle.append((connection, time.monotonic()))
+
+    def _hand_back(self, connection: Connection) -> None:
+        """Give `connection` back to aiohttp's pool, which keeps it or closes it."""
+        self._held -= 1
+        connection.release()
 
     def drop(self, connection: Connection) -> None:
         """Close `connection`: what is left of its exchange cannot be read."""
