@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -80,6 +81,7 @@ class HttpxClient:
             )
         self._cancelled_since_sweep = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def send(
         self, method: str, origin: Origin, target: str, headers: list[tuple[str, str]], body: Body
@@ -108,7 +110,7 @@ class HttpxClient:
 
     def _sweep_soon(self) -> None:
         """After a cancelled request: close what it may have stranded, once it is clear."""
-        if self._pool is None:
+        if self._pool is None or self._closed:
             return
         self._cancelled_since_sweep = True
         if self._sweeper is None or self._sweeper.done():
@@ -125,9 +127,11 @@ class HttpxClient:
             still_new = {id(c) for c in new_connections(self._pool)}
             for connection in suspects:
                 if id(connection) in still_new:
-                    await connection.aclose()
+                    with contextlib.suppress(OSError):  # closing it is all that is wanted
+                        await connection.aclose()
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
