@@ -17,6 +17,7 @@ class Options:
     warmup: float
     connections: int
     passes: int  # every row is measured once per pass; the report gives the median
+    turns: int  # 1: rows one after another; more: all served at once, wrk bursts in turns
     light_rows: frozenset[str]
     light_rate: float
     light_seconds: float
@@ -44,6 +45,13 @@ def parse_args(argv: list[str]) -> Options:
         "--passes", type=int, default=3, help="measure every row this often; report the median"
     )
     parser.add_argument(
+        "--turns",
+        type=int,
+        default=5,
+        help="serve a pass's rows at once and give each this many wrk bursts of "
+        "duration/turns s, in turns (1: one row after another, a whole duration each)",
+    )
+    parser.add_argument(
         "--light-rows",
         default="direct,forwarder,bare,nginx,gateway,gateway-all",
         help="comma-separated",
@@ -66,8 +74,24 @@ def parse_args(argv: list[str]) -> Options:
     unknown = sorted(set(wanted + _names(args.profile or "")) - set(names))
     if unknown:
         parser.error(f"--rows/--profile: unknown {unknown}; known: {names}")
-    if args.duration < 1 or args.warmup < 0 or args.light_rate <= 0 or args.passes < 1:
-        parser.error("--duration must be >= 1 s, --warmup >= 0, --light-rate > 0, --passes >= 1")
+    problems = [
+        message
+        for bad, message in (
+            (args.duration < 1, "--duration must be >= 1 s"),
+            (args.warmup < 0, "--warmup must be >= 0"),
+            (args.light_rate <= 0, "--light-rate must be > 0"),
+            (args.passes < 1, "--passes must be >= 1"),
+            (args.turns < 1, "--turns must be >= 1"),
+            # wrk measures whole seconds: a burst of 2.5 s would run 2 or 3
+            (
+                args.turns >= 1 and (args.duration / args.turns) % 1 != 0,
+                "--duration must be a whole number of seconds per turn (--duration / --turns)",
+            ),
+        )
+        if bad
+    ]
+    if problems:
+        parser.error("; ".join(problems))
     return Options(
         rows=tuple(row for name in wanted for row in ROWS if row.name == name),
         upstream=args.upstream,
@@ -75,6 +99,7 @@ def parse_args(argv: list[str]) -> Options:
         warmup=args.warmup,
         connections=args.connections,
         passes=args.passes,
+        turns=args.turns,
         light_rows=frozenset(_names(args.light_rows)),
         light_rate=args.light_rate,
         light_seconds=args.light_seconds,

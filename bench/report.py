@@ -188,7 +188,12 @@ def as_json(
     return {
         "command": _command(argv),
         "machine": info,
-        "wrk": {"threads": 1, "connections": options.connections, "seconds": options.seconds},
+        "wrk": {
+            "threads": 1,
+            "connections": options.connections,
+            "seconds": options.seconds,
+            "turns": options.turns,
+        },
         "upstream": upstream.name,
         "passes": [asdict(p) for p in passes],
         "medians": [asdict(row) for row in rows],
@@ -201,7 +206,8 @@ def as_json(
 def _header(
     argv: list[str], options: Options, upstream: Row, passes: list[Pass], info: dict[str, Any]
 ) -> list[str]:
-    load = wrk.command("URL", threads=1, connections=options.connections, seconds=options.seconds)
+    burst = options.seconds / options.turns
+    load = wrk.command("URL", threads=1, connections=options.connections, seconds=burst)
     busy = info["cpu_busy_before"]
     before = "; ".join(
         f"pass {p.index}: {_loadavg(p.loadavg)} ({p.busy_before:.0%} busy)" for p in passes
@@ -216,7 +222,14 @@ def _header(
         "versions: "
         + ", ".join(f"{k} {v}" for k, v in info["packages"].items())
         + f", {info['nginx']}, redis {info['redis']}, {info['wrk']}, py-spy {info['py-spy']}",
-        f"load: `{' '.join(load)}` per row after {options.warmup:g} s of warm-up; rows marked "
+        f"load: `{' '.join(load)}` after {options.warmup:g} s of warm-up"
+        + (
+            f", {options.turns} times a row per pass, the rows served at once and taking "
+            "turns (order reversed each round)"
+            if options.turns > 1
+            else ", once a row per pass, one row after another"
+        )
+        + "; rows marked "
         f"* add `-s bench/{USERS_SCRIPT.name}` (x-user-id from 1,000 users); nothing pinned",
         f"upstream: {upstream.name} ({upstream.what}); canary and shadow upstreams, where a "
         "row has them, are more of the same on their own ports",

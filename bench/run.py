@@ -3,7 +3,10 @@
 Every row runs against the same upstream, for the same duration, with one wrk thread (2 cores
 here: wrk, the proxy and the upstream already share them) after a short warm-up. The rows are
 measured in `--passes` passes (all rows, then all rows again, ...) and the report gives each
-row's median, with the load average before every pass. Every process but wrk is a child of
+row's median, with the load average before every pass. Within a pass the rows are served at
+once and take turns, `--turns` wrk bursts each (bench/turns.py), so that the rows of a ratio
+share the same minutes of a machine whose speed drifts; `--turns 1` measures one row after
+another instead. Every process but wrk is a child of
 this script and is stopped at the end, on Ctrl-C and on errors too. The report is Markdown on
 standard output, to paste into bench/RESULTS.md; progress goes to standard error.
 See bench/README.md.
@@ -26,6 +29,7 @@ import cpu
 import lightload
 import pyspy
 import report
+import turns
 import wrk
 from options import Options, parse_args
 from processes import Child, Fleet, StartError, free_port, pings, wait_listening, wait_settled
@@ -81,7 +85,18 @@ def run_pass(index: int, fleet: Fleet, upstreams: Upstreams, options: Options) -
     loadavg = os.getloadavg()
     _progress(f"pass {index} of {options.passes}; load average {_loadavg(loadavg)}")
     busy = cpu.busy_share()
-    results = [measure(row, fleet, upstreams, options) for row in options.rows]
+    if options.turns > 1:
+        results = turns.measure(
+            options.rows,
+            lambda row: running(row, fleet, upstreams),
+            turns=options.turns,
+            seconds=options.seconds,
+            warmup=options.warmup,
+            connections=options.connections,
+            progress=_progress,
+        )
+    else:
+        results = [measure(row, fleet, upstreams, options) for row in options.rows]
     light = [
         (row, result)
         for row, result in zip(options.rows, results, strict=True)
