@@ -136,6 +136,12 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=100.0)
     parser.add_argument("--ttft-ms", type=float, default=100.0)
     parser.add_argument("--ramp-s", type=float, default=1.0)
+    parser.add_argument(
+        "--client",
+        default=None,
+        choices=["aiohttp-direct", "httptools", "aiohttp", "httpx"],
+        help="the gateway's upstream.client (default: the gateway's own default)",
+    )
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gateway-streams-") as tmp, Fleet(Path(tmp)) as fleet:
@@ -152,6 +158,8 @@ def main() -> int:
                             "stable": {"name": "v1", "upstream": upstream}}]}  # fmt: skip
         settings = {"listen": {"host": "127.0.0.1"}, "admin": {"host": "127.0.0.1"},
                     "upstream": {"max_connections": args.streams * 2}}  # fmt: skip
+        if args.client is not None:
+            settings["upstream"]["client"] = args.client
         (Path(tmp) / "flags.json").write_text(json.dumps(flags))
         (Path(tmp) / "gateway.json").write_text(json.dumps(settings))
         port, admin = free_port(), free_port()
@@ -178,7 +186,9 @@ def render(rows: list[dict[str, float]], rss: float, args: argparse.Namespace) -
     d, g = rows
     lines = [
         f"{args.streams} concurrent streams x {args.events} events, {args.gap_ms:g} ms apart "
-        f"(TTFT {args.ttft_ms:g} ms at the upstream), one gateway worker; "
+        f"(TTFT {args.ttft_ms:g} ms at the upstream), one gateway worker"
+        + (f", upstream.client: {args.client}" if args.client else "")
+        + "; "
         f"load average before: {args.load_before:.2f}, {os.cpu_count()} cores",
         "",
         "| path | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms | event late p50 ms "

@@ -16,10 +16,10 @@ The per-chunk work is a split on the blank line between events and a few byte co
 event, all in C; JSON is parsed only for an event that mentions "error" and for the last one.
 
 `relay` moves the chunks. Where the server offers a `ChunkWriter` (the scope's `CHUNK_WRITER`,
-dataplane/servers.py) and the upstream response can push its body (`push_chunks`, the direct
-aiohttp client), each chunk goes from the upstream's parser to the client's connection in one
-synchronous call, and the relaying coroutine wakes only at the end of the body or to wait for a
-slow client. Otherwise it pulls chunks and sends ASGI messages.
+dataplane/servers.py) and the upstream response can push its body (`push_chunks`: the httptools
+and the direct aiohttp clients), each chunk goes from the upstream's parser to the client's
+connection in one synchronous call, and the relaying coroutine wakes only at the end of the
+body or to wait for a slow client. Otherwise it pulls chunks and sends ASGI messages.
 """
 
 from __future__ import annotations

@@ -478,12 +478,14 @@ def test_the_llm_demo_rolls_back_a_canary_whose_ttft_regresses() -> None:
 # --- the relay of event streams, on each path ---------------------------------------------------
 #
 # An event stream is relayed one of three ways: pushed from the upstream's parser straight to
-# the client's connection (server `fast`, client `aiohttp-direct`), pulled and written straight
-# to the connection (`fast` with another client), or pulled and sent as ASGI messages (`stock`).
-# Each must keep the same promises; a raw socket sees exactly what the client is sent.
+# the client's connection (server `fast`, a client that pushes: `aiohttp-direct`, `httptools`),
+# pulled and written straight to the connection (`fast` with another client), or pulled and
+# sent as ASGI messages (`stock`). Each must keep the same promises; a raw socket sees exactly
+# what the client is sent.
 
 RELAY_PATHS = [
     pytest.param("fast", "aiohttp-direct", id="push"),
+    pytest.param("fast", "httptools", id="push-httptools"),
     pytest.param("fast", "httpx", id="pull-write"),
     pytest.param("stock", "aiohttp-direct", id="asgi"),
 ]
@@ -673,6 +675,32 @@ def test_a_stream_that_stalls_past_the_read_timeout_is_cut_and_counted(
     labels = {"flag": "chat", "variant": "v1"}
     kind = "gateway_upstream_errors_total"
     wait_until(lambda: metric(gw, kind, kind="stream_aborted", **labels) == 1.0, "the count")
+
+
+@pytest.mark.parametrize(("server", "client"), RELAY_PATHS)
+def test_a_stream_longer_than_the_read_timeout_with_shorter_gaps_arrives_whole(
+    server: str,
+    client: str,
+    spawn: Callable[..., Any],
+    tmp_path: Path,
+    gateway_server: Callable[..., Any],
+) -> None:
+    # The read timeout bounds each wait for more of the body, not the body: 8 tokens 0.25 s
+    # apart take 2 s, twice the timeout, and none of the waits comes near it.
+    v1, _ = llm(spawn, tmp_path, "vllm-a", tokens_per_s=4, ttft_ms=0)
+    settings = {"upstream": {"client": client, "read_timeout_s": 1.0}}
+    env = {**TOKENS, "GATEWAY_SERVER__HTTP": server}
+    gw = gateway_server(llm_flag(v1.url, None), settings=settings, env=env)
+    body = {"model": "llama", "stream": True, "user": "u1", "max_tokens": 8}
+    stream = RawStream(gw.server.port, body, "long-1")
+    try:
+        events = stream.rest()
+    finally:
+        stream.close()
+    assert len([e for e in events if content(e)]) == 8 and events[-1] == b"data: [DONE]"
+    assert stream.ended and not stream.broken
+    labels = {"flag": "chat", "variant": "v1"}
+    assert metric(gw, "gateway_upstream_errors_total", kind="stream_aborted", **labels) == 0.0
 
 
 @pytest.mark.parametrize(("server", "client"), RELAY_PATHS)

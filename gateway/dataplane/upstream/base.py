@@ -87,8 +87,8 @@ class UpstreamResponse(Protocol):
         """Give the connection back (or drop it if the body was not read to the end)."""
         ...
 
-    # A response may also offer `push_chunks(on_chunk, drain)` (the direct aiohttp client's
-    # does): the body handed to `on_chunk` as it arrives rather than pulled through
+    # A response may also offer `push_chunks(on_chunk, drain)` (the httptools and the direct
+    # aiohttp clients' do): the body handed to `on_chunk` as it arrives rather than pulled through
     # `chunks()`, reading paused while `on_chunk` says the consumer is full, until `drain()`
     # returns. Raises what `chunks()` raises. The event-stream relay uses it where present.
 

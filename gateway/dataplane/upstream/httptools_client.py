@@ -23,7 +23,9 @@ promises every upstream client keeps (DESIGN 10):
 A connection serves one exchange at a time and goes back to its origin's pool once an answer
 has been read to its end on a connection both sides keep alive. An unread answer stops the
 connection being read once `BUFFER_LIMIT` bytes of it wait (TCP's flow control then holds
-the upstream back) until the reader takes them.
+the upstream back) until the reader takes them. A body can also be pushed (`push_chunks`):
+each piece goes from the parser's callback to the consumer's, and a consumer that is full
+stops the reading until it drains.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import cast
 
 import httptools
@@ -89,8 +91,11 @@ class _Connection(asyncio.Protocol):
         "method",
         "origin",
         "parser",
+        "push",
+        "push_failure",
         "reader",
         "status",
+        "timers",
         "to_eof",
         "transport",
         "writer",
@@ -108,6 +113,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self.parser: httptools.HttpResponseParser | None = None
         self.writer: asyncio.Task[None] | None = None
+        self.timers: dict[_Connection, None] | None = None  # the pushed body's read timer
         self._reset()
 
     def _reset(self) -> None:
@@ -126,6 +132,8 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.body_sent = True
         self.failure: UpstreamError | None = None
+        self.push: Callable[[bytes], bool] | None = None  # the consumer a body is pushed to
+        self.push_failure: Exception | None = None  # what the consumer raised
 
     # --- asyncio's protocol ------------------------------------------------------------------
 
@@ -214,13 +222,13 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             self.keep_alive = False
             return
+        if self.push is not None:
+            self._pushed(self.push, body)
+            return
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > BUFFER_LIMIT and not self._paused:
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                self._paused = True
-                transport.pause_reading()
+        if self.buffered > BUFFER_LIMIT:
+            self._pause()
         self._wake_reader()
 
     def on_message_complete(self) -> None:
@@ -230,6 +238,24 @@ class _Connection(asyncio.Protocol):
         if not self.complete:
             assert self.parser is not None
             self._finish(keep_alive=self.parser.should_keep_alive())
+
+    def _pushed(self, push: Callable[[bytes], bool], body: bytes) -> None:
+        """Hand a piece straight to the consumer; the next piece's wait is timed from now. A
+        consumer that is full, or fails, stops the push: reading pauses, the pushing coroutine
+        wakes, and what the parser still feeds from this read is buffered as when pulled."""
+        timers = self.timers
+        if timers is not None:
+            timers.pop(self, None)
+            self.timers = self._client.deadlines.start(self, None)
+        try:
+            more = push(body)
+        except Exception as exc:  # the consumer's fault, not the upstream's
+            self.push_failure = exc
+            more = False
+        if not more:
+            self.push = None
+            self._pause()
+            self._wake_reader()
 
     # --- the exchange --------------------------------------------------------------------------
 
@@ -294,18 +320,45 @@ class _Connection(asyncio.Protocol):
             deadlines.stop(self, timers)
             self.reader = None
 
+    async def wait_pushed(self, push: Callable[[bytes], bool]) -> None:
+        """Push the body's pieces to `push` as the parser reads them, until the body ends,
+        fails, or the consumer is full or fails (`push` is then None again). Each wait for
+        the next piece is timed by the read timeout, as when pulled."""
+        self.push = push
+        self.reader = reader = asyncio.get_running_loop().create_future()
+        deadlines = self._client.deadlines
+        self.timers = deadlines.start(self, None)
+        try:
+            await reader
+        finally:
+            timers, self.timers = self.timers, None
+            if timers is not None:
+                deadlines.stop(self, timers)
+            self.reader = None
+            self.push = None
+
     def take(self) -> bytes:
-        """The body bytes that have arrived, taken off the buffer."""
+        """The body bytes that have arrived, taken off the buffer; reading resumes."""
         chunks = self.chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
+        self.resume()
+        return data
+
+    def _pause(self) -> None:
+        if not self._paused:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                self._paused = True
+                transport.pause_reading()
+
+    def resume(self) -> None:
         if self._paused:
             self._paused = False
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.resume_reading()
-        return data
 
     async def write_body(self, body: AsyncIterable[bytes]) -> None:
         """Send a streamed body in chunks. A body that raises is cut, with the connection:
@@ -405,6 +458,39 @@ class _Response:
             else:
                 await connection.wait_body(self._deadlines)
 
+    async def push_chunks(
+        self, on_chunk: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Hand the body to `on_chunk` piece by piece, each as the parser reads it, from
+        within the connection's read; return at the body's end (dataplane/upstream/base.py).
+
+        When `on_chunk` returns False, reading stops until `drain()` returns; the wait is the
+        consumer's and is not timed. A body cut short raises the `UpstreamError` `chunks()`
+        would; an exception from `on_chunk` stops the body and is raised as it is. Cancelled,
+        the body is left unread: `aclose()` closes the connection."""
+        connection = self._connection
+        if connection is None:
+            return
+        while True:
+            if connection.chunks:  # what came before, or while the consumer was full
+                if not on_chunk(connection.take()):
+                    connection._pause()
+                    await drain()
+                    connection.resume()
+            elif connection.complete:
+                return
+            elif connection.failure is not None:
+                raise connection.failure
+            else:
+                await connection.wait_pushed(on_chunk)
+                failure, connection.push_failure = connection.push_failure, None
+                if failure is not None:
+                    raise failure
+                if connection._paused:  # the consumer is full
+                    await drain()
+                    if not connection.chunks:  # else taking them resumes reading
+                        connection.resume()
+
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -419,7 +505,7 @@ class HttptoolsClient:
     ) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
-        self._deadlines: Deadlines[_Connection, None] = Deadlines(
+        self.deadlines: Deadlines[_Connection, None] = Deadlines(
             read_timeout_s, _timed_out, resolution_s=min(read_timeout_s / 10, 0.5)
         )
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -457,7 +543,7 @@ class HttptoolsClient:
             else:
                 self._writes.add(transport, message)
             try:
-                await connection.wait_head(self._deadlines)
+                await connection.wait_head(self.deadlines)
             except _Unanswered:
                 connection.end()
                 if pooled and retry:
@@ -467,7 +553,7 @@ class HttptoolsClient:
             except BaseException:
                 connection.end()
                 raise
-            return _Response(connection, self._deadlines)
+            return _Response(connection, self.deadlines)
 
     async def _connection(self, origin: Origin) -> tuple[_Connection, bool]:
         """A pooled connection to `origin` (and True), or a new one (and False)."""
@@ -571,7 +657,7 @@ class HttptoolsClient:
 
     async def aclose(self) -> None:
         self._closed = True
-        self._deadlines.close()
+        self.deadlines.close()
         for idle in self._idle.values():
             while idle:
                 self._drop(idle.pop())
