@@ -36,10 +36,10 @@ RATIO_TARGETS = (
     ("all features, 1 worker: >= 10x the naive proxy", "gateway-all", "naive", 10.0),
     ("all features, 1 worker: >= 15 % of nginx-as-proxy", "gateway-all", "nginx", 0.15),
     ("all features, 2 workers: >= 1.7x one worker", "gateway-all-2w", "gateway-all", 1.7),
-    ("fast path (fast server, direct client): >= 1.7x the bare proxy", "gateway-all", "bare", 1.7),
+    ("fast path (fast server, default client): >= 1.7x the bare proxy", "gateway-all", "bare", 1.7),
     (
         "stock fallback (stock server, httptools client): >= 1.0x the bare proxy",
-        "gateway-all-stock-httptools",
+        "gateway-all-stock",
         "bare",
         1.0,
     ),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.settings import Upstream
+
 BENCH = Path(__file__).resolve().parent
 PYTHON = Path(sys.executable)
 GATEWAY = PYTHON.with_name("gateway")
@@ -231,6 +233,7 @@ def _loopback(settings: Mapping[str, Any]) -> dict[str, Any]:
 _ALL = "gateway, canary 0.5 + guard + metrics + 10 % shadow"
 # Every `upstream.client`, each with every feature on: `gateway-all-<client>`.
 CLIENTS = ("aiohttp-direct", "httptools", "aiohttp", "httpx")
+DEFAULT_CLIENT = Upstream().client  # what `gateway-all` and `gateway-all-stock` run
 _EXTRA = ("canary", "shadow")
 
 ROWS: tuple[Row, ...] = (
@@ -268,7 +271,7 @@ ROWS: tuple[Row, ...] = (
         users=True,
         upstreams=_EXTRA,
     ),
-    *(  # the rest of the server x client matrix; stock + httptools is the whole stock fallback
+    *(  # the rest of the server x client matrix; gateway-all-stock is the whole stock fallback
         Row(
             f"gateway-all-stock-{client}",
             f"{_ALL}, server.http: stock, upstream.client: {client}",
@@ -280,7 +283,7 @@ ROWS: tuple[Row, ...] = (
             upstreams=_EXTRA,
         )
         for client in CLIENTS
-        if client != "aiohttp-direct"  # that is gateway-all-stock
+        if client != DEFAULT_CLIENT  # that is gateway-all-stock
     ),
     Row(
         "gateway-all-redis",

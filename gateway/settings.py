@@ -64,14 +64,15 @@ class Store(_Section):
     snapshot_file: str | None = None
 
 
-# aiohttp-direct: aiohttp driven below ClientSession (gateway/dataplane/fast/); httptools:
-# HTTP/1.1 on asyncio with httptools' parser, public APIs only (the direct one's fallback);
-# aiohttp: its ClientSession; httpx. HTTP/2 upstreams always use httpx.
+# httptools: HTTP/1.1 on asyncio with httptools' parser, public APIs only (the default: the
+# least CPU a request, side by side; docs/fast-path.md); aiohttp-direct: aiohttp driven below
+# ClientSession (gateway/dataplane/fast/), httptools where it cannot load; aiohttp: its
+# ClientSession; httpx. HTTP/2 upstreams always use httpx.
 ClientKind = Literal["aiohttp-direct", "httptools", "aiohttp", "httpx"]
 
 
 class Upstream(_Section):
-    client: ClientKind = "aiohttp-direct"
+    client: ClientKind = "httptools"
     connect_timeout_s: float = Field(1.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(1000, ge=1)

@@ -303,6 +303,15 @@ def test_serve_logs_one_start_up_line(gateway_server: Callable[..., GatewayProce
     line = lines[0]
     assert f"data 127.0.0.1:{gw.server.port}, admin 0.0.0.0:{gw.admin_port}" in line, line
     assert "store memory, 1 flag(s) in " in line, line
+    assert "server fast, client httptools," in line, line
+
+
+def test_the_direct_client_loads_when_asked_for_on_the_pinned_aiohttp(
+    gateway_server: Callable[..., GatewayProcess],
+) -> None:
+    env = {"GATEWAY_ADMIN_TOKENS": TOKENS, "GATEWAY_UPSTREAM__CLIENT": "aiohttp-direct"}
+    gw = gateway_server(flag_doc(NOWHERE, None), env=env)
+    line = next(line for line in gw.server.log().splitlines() if "gateway.serve" in line)
     assert "server fast, client aiohttp-direct," in line, line
     # On the aiohttp the pins allow, the direct client loads: no fallback warning.
     assert "aiohttp-direct is not used" not in gw.server.log(), gw.server.log()

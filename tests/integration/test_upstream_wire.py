@@ -4,11 +4,12 @@ The upstream here is a scripted HTTP/1.1 server on a loopback socket: it reads e
 head and body, records them with the connection they came on, and answers what the test
 scripts, or closes the connection without answering (and after any answer that says
 `Connection: close`). The gateway in front of it is a real
-`gateway serve`, with each upstream client (`upstream.client`). The direct client (the
-default, `aiohttp-direct`) writes request heads itself and reads answers with aiohttp's
-protocol (gateway/dataplane/fast/aiohttp_client.py); the stock `aiohttp` client and `httpx` go
-through their libraries' public APIs. Framing, Host, interim responses, HEAD and connection
-reuse are checked byte for byte here for all three.
+`gateway serve`, with each upstream client (`upstream.client`). The httptools client (the
+default) and the direct client (`aiohttp-direct`) write request heads themselves and read
+answers with httptools' parser and with aiohttp's protocol (gateway/dataplane/fast/
+aiohttp_client.py); the stock `aiohttp` client and `httpx` go through their libraries' public
+APIs. Framing, Host, interim responses, HEAD and connection reuse are checked byte for byte
+here for all four.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Which upstream client runs for HTTP/1.1 upstreams: the seam in front of the direct client.
 
-`upstream.client: aiohttp-direct` (the default) asks for the direct aiohttp client, the only
-upstream module that reaches into aiohttp's internals (gateway/dataplane/fast/
-aiohttp_client.py). It is imported here, lazily, and only when it is chosen and the installed
-aiohttp is a release it was tested with (`TESTED_AIOHTTP`, the bounds pyproject.toml sets).
+`upstream.client: aiohttp-direct` asks for the direct aiohttp client (the default is
+`httptools`), the only upstream module that reaches into aiohttp's internals
+(gateway/dataplane/fast/aiohttp_client.py). It is imported here, lazily, and only when it is
+chosen and the installed aiohttp is a release it was tested with (`TESTED_AIOHTTP`, the bounds
+pyproject.toml sets).
 Otherwise, or if its import fails, the httptools client (`upstream/httptools_client.py`),
 which uses only asyncio's and httptools' public APIs, runs in its place: one warning is
 logged, and the choice says so (`ClientChoice.impl`, exported as

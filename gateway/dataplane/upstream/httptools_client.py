@@ -1,8 +1,9 @@
 """The httptools upstream client (`upstream.client: httptools`): HTTP/1.1 on asyncio's public
 transport API, answers read by httptools' public parser (llhttp, as uvicorn reads requests).
 
-It touches no library's internals, so no release of aiohttp or uvicorn can break it; it is
-what runs when the direct aiohttp client cannot be loaded (`upstream/choice.py`). It keeps the
+It touches no library's internals, so no release of aiohttp or uvicorn can break it. It is the
+default client, and what runs when the direct aiohttp client cannot be loaded
+(`upstream/choice.py`). It keeps the
 promises every upstream client keeps (DESIGN 10):
 
 - failures are the gateway's errors: `UpstreamConnectError` (refused, reset, closed before an
