@@ -17,6 +17,7 @@ from typing import Any
 import httpcore
 import httpx
 import pytest
+import uvloop
 from sockets import tcp_sockets
 
 from gateway.dataplane.fast.httpx_pool import connection_pool
@@ -77,7 +78,7 @@ def test_requests_cancelled_at_any_moment_leave_no_connection_behind(
         finally:
             await client.aclose()
 
-    runner = asyncio.run if loop == "asyncio" else pytest.importorskip("uvloop").run
+    runner = asyncio.run if loop == "asyncio" else uvloop.run
     held, status = runner(run())
     assert held == [], f"connections left open by cancelled requests: {held}"
     assert status == 200

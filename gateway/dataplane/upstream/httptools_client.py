@@ -229,7 +229,7 @@ class _Connection(asyncio.Protocol):
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > BUFFER_LIMIT:
-            self._pause()
+            self.pause()
         self._wake_reader()
 
     def on_message_complete(self) -> None:
@@ -255,7 +255,7 @@ class _Connection(asyncio.Protocol):
             more = False
         if not more:
             self.push = None
-            self._pause()
+            self.pause()
             self._wake_reader()
 
     # --- the exchange --------------------------------------------------------------------------
@@ -347,7 +347,7 @@ class _Connection(asyncio.Protocol):
         self.resume()
         return data
 
-    def _pause(self) -> None:
+    def pause(self) -> None:
         if not self._paused:
             transport = self.transport
             if transport is not None and not transport.is_closing():
@@ -475,7 +475,7 @@ class _Response:
         while True:
             if connection.chunks:  # what came before, or while the consumer was full
                 if not on_chunk(connection.take()):
-                    connection._pause()
+                    connection.pause()
                     await drain()
                     connection.resume()
             elif connection.complete:
