@@ -1,6 +1,6 @@
-"""The direct aiohttp client (`upstream.client: aiohttp-direct`, the default for HTTP/1.1
-model servers): aiohttp's connection pool, protocol and C response parser, driven below
-`ClientSession`.
+"""The direct aiohttp client (`upstream.client: aiohttp-direct`, for HTTP/1.1 model servers;
+the default is the httptools client): aiohttp's connection pool, protocol and C response
+parser, driven below `ClientSession`.
 
 This module reaches into aiohttp's internals (`ClientRequest`, `ResponseHandler`, `Connection`,
 the protocol's parser and read timeout), so it is loaded only through the seam
